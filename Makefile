@@ -1,0 +1,42 @@
+# The README's two commands: `make demo` (set up, then run the main job) and `make test`.
+# Both create .venv when it is missing. On a CPU machine the CPU torch wheel is installed;
+# a GPU or Ascend user installs their own torch (and torch_npu) into .venv first, and it is kept.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed-stamp
+export WANDB_MODE ?= offline
+
+.PHONY: setup demo test lint bench lab clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[all]"
+	@touch $@
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/workbench bench layer
+
+# Unit tests, then every notebook in smoke mode (nbmake). pytest's exit code 5 means
+# "no tests collected", which is not a failure here.
+test: setup lint
+	WORKBENCH_SMOKE=1 WANDB_MODE=disabled $(BIN)/python -m pytest -q tests $(wildcard notebooks/*.ipynb) \
+		--nbmake --nbmake-timeout=600; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/workbench bench layer --json runs/bench/layer.json
+
+lab: setup
+	$(BIN)/jupyter lab notebooks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -1,0 +1,57 @@
+"""Invalid configs raise ValueError naming the field and the allowed values."""
+
+from __future__ import annotations
+
+import pytest
+
+from workbench.config import ModelConfig, MoEConfig, preset
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    ({"num_experts": 4, "top_k": 5}, r"top_k=5 .*between 1 and num_experts=4"),
+    ({"top_k": 0}, r"top_k=0 .*between 1 and num_experts"),
+    ({"router": "magic"}, r"router='magic' .*allowed values are softmax_topk, switch, noisy_topk, sigmoid"),
+    ({"dispatch": "fast"}, r"dispatch='fast' .*allowed values are loop, capacity, sorted"),
+    ({"capacity_factor": 0.0}, r"capacity_factor=0.0 .*must be > 0"),
+    ({"capacity_factor": -1.5}, r"capacity_factor=-1.5 .*must be > 0"),
+    ({"drop_policy": "random"}, r"drop_policy='random' .*position, score"),
+    ({"router": "sigmoid", "num_experts": 8, "num_groups": 3}, r"num_groups=3 .*divide num_experts=8"),
+    ({"router": "sigmoid", "num_groups": 4, "topk_groups": 5}, r"topk_groups=5 .*between 1 and num_groups=4"),
+    ({"router": "sigmoid", "num_experts": 8, "top_k": 3, "num_groups": 4, "topk_groups": 1},
+     r"top_k=3 .*2 experts in the topk_groups=1 kept groups"),
+    ({"router": "softmax_topk", "num_groups": 2}, r"num_groups=2 .*router='sigmoid'"),
+    ({"router": "noisy_topk", "bias_update_rate": 0.001}, r"router='noisy_topk' .*selection bias"),
+    ({"aux_loss_weight": -0.1}, r"aux_loss_weight=-0.1 .*>= 0"),
+])
+def test_invalid_moe_config(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        MoEConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    ({"d_model": 100, "n_heads": 3}, r"n_heads=3 .*divide d_model=100"),
+    ({"d_model": 12, "n_heads": 4}, r"n_heads=4 .*even"),
+    ({"first_dense_layers": 9, "n_layers": 4}, r"first_dense_layers=9 .*between 0 and n_layers=4"),
+    ({"moe_every": 0}, r"moe_every=0 .*>= 1"),
+])
+def test_invalid_model_config(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        ModelConfig(**kwargs)
+
+
+def test_configs_are_keyword_only_and_round_trip_through_dicts():
+    with pytest.raises(TypeError):
+        MoEConfig(8)  # type: ignore[misc]
+    cfg = preset("tiny", router="sigmoid")
+    again = ModelConfig.from_dict(cfg.to_dict())
+    assert again == cfg and isinstance(again.moe, MoEConfig)
+    with pytest.raises(ValueError, match="unknown ModelConfig fields \\['bogus'\\]"):
+        ModelConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+    with pytest.raises(ValueError, match="preset='huge' .*tiny, small"):
+        preset("huge")
+
+
+def test_moe_layer_placement():
+    cfg = ModelConfig(n_layers=6, first_dense_layers=1, moe_every=2)
+    assert cfg.moe_layers == [1, 3, 5]
+    assert ModelConfig(n_layers=3, moe=None).moe_layers == []

@@ -1,0 +1,117 @@
+"""Layer benchmark: an MoE layer's forward + backward against a dense FFN of equal active FLOPs.
+
+All variants are timed in one process, round-robin (variant A, B, C, A, B, C, ...), so a
+noisy neighbour slows them alike; the report gives medians and the ratios between them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from workbench.config import MoEConfig
+from workbench.moe import MoELayer, SwiGLUMLP
+
+
+@dataclass(kw_only=True)
+class LayerBenchConfig:
+    tokens: int = 4096
+    d_model: int = 256
+    expert_hidden: int = 512
+    num_experts: int = 16
+    top_k: int = 2
+    dispatches: tuple[str, ...] = ("sorted", "capacity", "loop")
+    capacity_factor: float = 1.25
+    repeats: int = 20
+    warmup: int = 3
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+
+
+@dataclass
+class LayerBenchResult:
+    config: dict
+    threads: int
+    flops_per_step: float  # forward + backward matmul FLOPs of the active expert FFN
+    median_ms: dict[str, float] = field(default_factory=dict)
+    gflops: dict[str, float] = field(default_factory=dict)
+    ratios: dict[str, float] = field(default_factory=dict)  # throughput ratios, > 1 = faster
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_layer_bench(cfg: LayerBenchConfig, progress: bool = False) -> LayerBenchResult:
+    torch.manual_seed(cfg.seed)
+    dtype = getattr(torch, cfg.dtype)
+    T, D, H, E, K = cfg.tokens, cfg.d_model, cfg.expert_hidden, cfg.num_experts, cfg.top_k
+
+    def make_moe(dispatch: str) -> MoELayer:
+        torch.manual_seed(cfg.seed)  # same router and experts for every dispatch
+        moe_cfg = MoEConfig(num_experts=E, top_k=K, expert_hidden=H, dispatch=dispatch,
+                            capacity_factor=cfg.capacity_factor)
+        return MoELayer(D, moe_cfg).to(cfg.device, dtype)
+
+    layers: dict[str, torch.nn.Module] = {"dense": SwiGLUMLP(D, K * H).to(cfg.device, dtype)}
+    layers.update({d: make_moe(d) for d in cfg.dispatches})
+    x = torch.randn(1, T, D, device=cfg.device, dtype=dtype, requires_grad=True)
+    grad_y = torch.randn(1, T, D, device=cfg.device, dtype=dtype)
+
+    def step(name: str) -> float:
+        layer = layers[name]
+        _sync(cfg.device)
+        t0 = time.perf_counter()
+        out = layer(x)
+        y = out[0] if isinstance(out, tuple) else out
+        y.backward(grad_y)
+        _sync(cfg.device)
+        elapsed = time.perf_counter() - t0
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        return elapsed
+
+    times: dict[str, list[float]] = {name: [] for name in layers}
+    for i in range(cfg.warmup + cfg.repeats):
+        for name in layers:
+            t = step(name)
+            if i >= cfg.warmup:
+                times[name].append(t)
+        if progress:
+            print(f"\rrepeat {i + 1}/{cfg.warmup + cfg.repeats}", end="", flush=True)
+    if progress:
+        print()
+
+    flops = 6.0 * T * 3 * D * K * H  # fwd (2 per MAC) x 3 for fwd + bwd; 3 matrices per SwiGLU
+    result = LayerBenchResult(config=asdict(cfg), threads=torch.get_num_threads(), flops_per_step=flops)
+    for name, ts in times.items():
+        med = sorted(ts)[len(ts) // 2]
+        result.median_ms[name] = med * 1e3
+        result.gflops[name] = flops / med / 1e9
+    for name in cfg.dispatches:
+        result.ratios[f"{name}_vs_dense"] = result.median_ms["dense"] / result.median_ms[name]
+        if "loop" in cfg.dispatches and name != "loop":
+            result.ratios[f"{name}_vs_loop"] = result.median_ms["loop"] / result.median_ms[name]
+    return result
+
+
+def format_layer_bench(r: LayerBenchResult) -> str:
+    c = r.config
+    lines = [
+        f"MoE layer forward+backward, {c['device']} {c['dtype']}, {r.threads} threads: "
+        f"{c['tokens']} tokens, d_model {c['d_model']}, {c['num_experts']} experts x hidden "
+        f"{c['expert_hidden']}, top-{c['top_k']}; dense baseline hidden {c['top_k'] * c['expert_hidden']} "
+        f"(same active FLOPs: {r.flops_per_step / 1e9:.2f} GFLOP per step)",
+        f"{'variant':<10} {'median ms':>10} {'GFLOP/s':>9}",
+    ]
+    for name, ms in r.median_ms.items():
+        lines.append(f"{name:<10} {ms:>10.2f} {r.gflops[name]:>9.1f}")
+    lines.append("throughput ratios: " + ", ".join(f"{k} {v:.3f}x" for k, v in r.ratios.items()))
+    return "\n".join(lines)

@@ -1,0 +1,152 @@
+"""A compact decoder-only language model with MoE feed-forward layers.
+
+Read it top to bottom: a token is embedded, goes through ``n_layers`` pre-norm blocks
+(RMSNorm -> rotary causal attention -> residual, RMSNorm -> FFN -> residual), a final RMSNorm
+and the LM head. The FFN of a block is a dense SwiGLU MLP or an ``MoELayer``
+(``ModelConfig.is_moe_layer``); with ``moe=None`` the model is the dense baseline.
+
+Shape legend: B batch, S sequence, D model dim, h heads, d head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workbench.config import ModelConfig
+from workbench.moe import MoELayer, RoutingInfo, SwiGLUExperts, SwiGLUMLP
+
+
+@dataclass
+class ModelOutput:
+    loss: torch.Tensor | None  # lm_loss + aux_loss: what training backpropagates
+    logits: torch.Tensor  # (B, S, V)
+    aux_loss: torch.Tensor  # weighted balancing losses, averaged over the MoE layers
+    routing: list[RoutingInfo]  # one per MoE layer, in depth order
+    lm_loss: torch.Tensor | None = None  # next-token cross-entropy alone
+
+
+def rotary_tables(seq_len: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the RoPE angles, (S, d/2) each (Su et al. 2021)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rotary(x_BhSd: torch.Tensor, cos_Sd: torch.Tensor, sin_Sd: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of each head as pairs (the LLaMA / GPT-NeoX layout)."""
+    x1, x2 = x_BhSd.chunk(2, dim=-1)
+    cos, sin = cos_Sd.to(x_BhSd.dtype), sin_Sd.to(x_BhSd.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos[:S], sin[:S]), apply_rotary(k, cos[:S], sin[:S])
+        y_BhSd = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y_BhSd.transpose(1, 2).reshape(B, S, D))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        self.ffn = MoELayer(cfg.d_model, cfg.moe) if self.is_moe else SwiGLUMLP(cfg.d_model, cfg.dense_hidden)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, tokens: torch.Tensor,
+                padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, RoutingInfo | None]:
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin))
+        if self.is_moe:
+            ffn_out, routing = self.ffn(self.ffn_norm(x), tokens, padding_mask)
+        else:
+            ffn_out, routing = self.ffn(self.ffn_norm(x)), None
+        return x + self.drop(ffn_out), routing
+
+
+class MoELM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rotary_tables(cfg.seq_len, cfg.head_dim, cfg.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 / nanoGPT init: N(0, 0.02), residual-branch outputs scaled by 1/sqrt(2 n_layers).
+
+        Routers keep their own init (std d^-1/2, unit-scale logits for unit-RMS inputs).
+        """
+        std, out_std = 0.02, 0.02 / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.embed.weight, std=std)
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=std)
+        for module in self.modules():
+            if isinstance(module, CausalSelfAttention):
+                nn.init.normal_(module.qkv.weight, std=std)
+                nn.init.normal_(module.out.weight, std=out_std)
+            elif isinstance(module, SwiGLUMLP):
+                nn.init.normal_(module.w1.weight, std=std)
+                nn.init.normal_(module.w3.weight, std=std)
+                nn.init.normal_(module.w2.weight, std=out_std)
+            elif isinstance(module, SwiGLUExperts):
+                module.reset_parameters(std=std, out_std=out_std)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
+                padding_mask: torch.Tensor | None = None) -> ModelOutput:
+        """tokens, targets: (B, S) long; targets equal to -100 are ignored.
+        padding_mask: (B, S) bool, True for real tokens; padding is left out of the balancing losses."""
+        B, S = tokens.shape
+        if S > self.cfg.seq_len:
+            raise ValueError(f"sequence length {S} exceeds ModelConfig.seq_len={self.cfg.seq_len}")
+        x = self.embed(tokens)
+        routing: list[RoutingInfo] = []
+        for block in self.blocks:
+            x, info = block(x, self.rope_cos, self.rope_sin, tokens, padding_mask)
+            if info is not None:
+                routing.append(info)
+        logits = self.lm_head(self.norm(x))
+
+        aux_loss = (torch.stack([r.weighted_loss for r in routing]).mean() if routing
+                    else logits.new_zeros((), dtype=torch.float32))
+        if targets is None:
+            return ModelOutput(None, logits, aux_loss, routing)
+        lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return ModelOutput(lm_loss + aux_loss, logits, aux_loss, routing, lm_loss)
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.ffn for b in self.blocks if b.is_moe]
+
+    @torch.no_grad()
+    def update_router_biases(self) -> None:
+        """Loss-free balancing: call right after ``optimizer.step()``."""
+        for layer in self.moe_layers():
+            layer.update_bias()
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

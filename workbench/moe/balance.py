@@ -1,0 +1,93 @@
+"""Load balancing: auxiliary losses and the auxiliary-loss-free bias update, as free functions.
+
+The losses are raw and per layer (the model weights them and averages over layers, so one
+layer's imbalance cannot cancel another's, as it can when routing is concatenated across
+layers). They are normalised so that perfectly uniform routing scores exactly 1.
+
+Shape legend: T tokens, B sequences, S positions, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _masked_mean(values_T: torch.Tensor, mask_T: torch.Tensor | None, dim: int = 0) -> torch.Tensor:
+    if mask_T is None:
+        return values_T.mean(dim=dim)
+    mask = mask_T.to(values_T.dtype)
+    while mask.dim() < values_T.dim():
+        mask = mask.unsqueeze(-1)
+    return (values_T * mask).sum(dim=dim) / mask.sum(dim=dim).clamp(min=1)
+
+
+def _as_distribution(scores_TE: torch.Tensor) -> torch.Tensor:
+    """Per-token distribution over experts: softmax probabilities pass unchanged; sigmoid
+    affinities are normalised to sum to one, as DeepSeek-V3 does (eq. 19)."""
+    return scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+
+
+def switch_aux_loss(scores_TE: torch.Tensor, expert_ids_TK: torch.Tensor,
+                    mask_T: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch / GShard load-balancing loss (Fedus et al. 2021, eq. 4-6; Lepikhin et al. 2020).
+
+        L = E * sum_i f_i * P_i
+        f_i = (1 / (T K)) * sum_t sum_k 1[e_tk = i]      fraction of assignments to expert i
+        P_i = (1 / T) * sum_t p_ti                        mean router probability of expert i
+
+    f is not differentiable; the gradient flows through P and pushes probability away from
+    overloaded experts. Uniform routing gives L = 1 (dividing f by K keeps that true for top-k).
+    ``mask_T`` (True = real token) leaves padding out of both f and P.
+    """
+    T, E = scores_TE.shape
+    K = expert_ids_TK.shape[1]
+    one_hot_TE = F.one_hot(expert_ids_TK, E).sum(dim=1).to(scores_TE.dtype)
+    f_E = _masked_mean(one_hot_TE, mask_T) / K
+    P_E = _masked_mean(_as_distribution(scores_TE), mask_T)
+    return E * torch.sum(f_E * P_E)
+
+
+def sequence_aux_loss(scores_BSE: torch.Tensor, expert_ids_BSK: torch.Tensor,
+                      mask_BS: torch.Tensor | None = None) -> torch.Tensor:
+    """DeepSeek-V3 complementary sequence-wise balance loss (arXiv:2412.19437, eq. 17-20).
+
+        L = sum_i f_i * P_i, per sequence, averaged over the batch
+        f_i = E / (K S) * sum_t 1[expert i in the top-k of token t]
+        P_i = (1 / S) * sum_t s'_ti,   s'_ti = s_ti / sum_j s_tj
+
+    It balances every sequence, not only the batch. Uniform routing gives L = 1.
+    """
+    B, S, E = scores_BSE.shape
+    K = expert_ids_BSK.shape[-1]
+    one_hot_BSE = F.one_hot(expert_ids_BSK, E).sum(dim=2).to(scores_BSE.dtype)
+    f_BE = _masked_mean(one_hot_BSE, mask_BS, dim=1) * (E / K)
+    P_BE = _masked_mean(_as_distribution(scores_BSE), mask_BS, dim=1)
+    return (f_BE * P_BE).sum(dim=-1).mean()
+
+
+def router_z_loss(logits_TE: torch.Tensor, mask_T: torch.Tensor | None = None) -> torch.Tensor:
+    """Router z-loss (ST-MoE, Zoph et al. 2022, eq. 5): L_z = (1/T) * sum_t (log sum_i exp(x_ti))^2.
+
+    Penalises large router logits, which keeps the router's softmax numerically stable.
+    """
+    return _masked_mean(torch.logsumexp(logits_TE, dim=-1).square(), mask_T)
+
+
+@torch.no_grad()
+def update_router_bias(bias_E: torch.Tensor, tokens_per_expert_E: torch.Tensor, rate: float,
+                       recenter: bool = False) -> torch.Tensor:
+    """Auxiliary-loss-free balancing step (Wang et al. 2024, arXiv:2408.15664, Algorithm 1), in place.
+
+        e_i = mean_j(c_j) - c_i          load violation of expert i over the last step
+        b_i <- b_i + u * sign(e_i)        raise underloaded experts, lower overloaded ones
+
+    Call it after the optimizer step with the loads ``c`` counted since the previous call;
+    never inside forward. ``recenter`` subtracts the mean bias afterwards, which changes no
+    selection (top-k is shift invariant) but keeps the bias from drifting.
+    """
+    load = tokens_per_expert_E.to(bias_E.dtype)
+    bias_E.add_(rate * torch.sign(load.mean() - load))
+    if recenter:
+        bias_E.sub_(bias_E.mean())
+    return bias_E

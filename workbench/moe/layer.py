@@ -1,0 +1,98 @@
+"""The MoE feed-forward layer: router -> dispatch -> experts -> combine (+ shared experts).
+
+Shape legend: B batch, S sequence, T = B*S tokens, D model dim, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from workbench.config import MoEConfig
+from workbench.moe import balance
+from workbench.moe.dispatch import DISPATCHES, DispatchStats
+from workbench.moe.experts import SwiGLUExperts, SwiGLUMLP
+from workbench.moe.routers import RouterOutput, build_router
+
+
+@dataclass
+class RoutingInfo:
+    """What one MoE layer did with one batch; ``workbench.moe.metrics`` turns it into numbers."""
+
+    router: RouterOutput
+    stats: DispatchStats
+    losses: dict[str, torch.Tensor]  # raw, unweighted: aux_loss, seq_aux_loss, z_loss
+    weighted_loss: torch.Tensor  # sum of the losses times their configured weights
+    batch_shape: tuple[int, int]  # (B, S), to view the (T, ...) tensors per sequence
+
+    @property
+    def tokens_per_expert(self) -> torch.Tensor:
+        return self.stats.tokens_per_expert
+
+
+class MoELayer(nn.Module):
+    def __init__(self, d_model: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.dispatch not in DISPATCHES:
+            raise ValueError(f"dispatch={cfg.dispatch!r} is invalid: allowed values are {', '.join(DISPATCHES)}")
+        self.router = build_router(d_model, cfg)
+        self.experts = SwiGLUExperts(cfg.num_experts, d_model, cfg.expert_hidden)
+        self.dispatch = DISPATCHES[cfg.dispatch]
+        self.dispatch_kwargs = (
+            {"capacity_factor": cfg.capacity_factor, "drop_policy": cfg.drop_policy}
+            if cfg.dispatch == "capacity" else {}
+        )
+        self.shared_experts = SwiGLUMLP(d_model, cfg.shared_hidden) if cfg.shared_hidden else None
+        # Qwen2-MoE gates the shared expert per token with sigmoid(x . w_g).
+        self.shared_gate = (nn.Linear(d_model, 1, bias=False)
+                            if cfg.shared_hidden and cfg.shared_expert_gate else None)
+        # Assignments counted since the last bias update (loss-free balancing); not a parameter.
+        self.register_buffer("load_since_update", torch.zeros(cfg.num_experts), persistent=True)
+
+    def forward(self, x_BSD: torch.Tensor, token_ids_BS: torch.Tensor | None = None,
+                padding_mask_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, RoutingInfo]:
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(B * S, D)
+        token_ids_T = None if token_ids_BS is None else token_ids_BS.reshape(-1)
+        routing = self.router(x_TD, token_ids_T)
+        y_TD, stats = self.dispatch(x_TD, routing, self.experts, **self.dispatch_kwargs)
+
+        if self.shared_experts is not None:
+            shared_TD = self.shared_experts(x_TD)
+            if self.shared_gate is not None:
+                shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD))
+            y_TD = y_TD + shared_TD
+
+        if self.training and self.cfg.bias_update_rate > 0:
+            self.load_since_update += stats.tokens_per_expert.to(self.load_since_update.dtype)
+
+        losses, weighted = self._balance_losses(routing, (B, S), padding_mask_BS)
+        info = RoutingInfo(routing, stats, losses, weighted, (B, S))
+        return y_TD.view(B, S, D), info
+
+    def _balance_losses(self, routing: RouterOutput, batch_shape: tuple[int, int],
+                        padding_mask_BS: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        B, S = batch_shape
+        mask_T = None if padding_mask_BS is None else padding_mask_BS.reshape(-1)
+        losses = {
+            "aux_loss": balance.switch_aux_loss(routing.scores_TE, routing.expert_ids_TK, mask_T),
+            "seq_aux_loss": balance.sequence_aux_loss(
+                routing.scores_TE.view(B, S, -1), routing.expert_ids_TK.view(B, S, -1), padding_mask_BS),
+            "z_loss": balance.router_z_loss(routing.logits_TE, mask_T),
+        }
+        cfg = self.cfg
+        weighted = (cfg.aux_loss_weight * losses["aux_loss"]
+                    + cfg.seq_aux_loss_weight * losses["seq_aux_loss"]
+                    + cfg.z_loss_weight * losses["z_loss"])
+        return losses, weighted
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """Loss-free balancing step from the loads counted since the last call (optimizer step)."""
+        if self.cfg.bias_update_rate > 0 and self.load_since_update.sum() > 0:
+            balance.update_router_bias(self.router.bias, self.load_since_update, self.cfg.bias_update_rate,
+                                       self.cfg.bias_recenter)
+        self.load_since_update.zero_()

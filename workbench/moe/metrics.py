@@ -1,0 +1,67 @@
+"""Load statistics of one MoE layer's routing, for logs, plots and tables.
+
+All are computed from counts and scores, without gradients, and returned as plain Python
+numbers (per-expert values as lists) so they go straight into JSON lines or a DataFrame.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from workbench.moe.layer import RoutingInfo
+
+
+@torch.no_grad()
+def load_metrics(tokens_per_expert_E: torch.Tensor) -> dict[str, float | list[float]]:
+    """Balance of an assignment count vector.
+
+    - ``load_fraction``: c_i / sum_j c_j
+    - ``cv``: coefficient of variation std(c) / mean(c) (population std; Shazeer et al. 2017)
+    - ``max_vio``: max_i c_i / mean(c) - 1 (Wang et al. 2024, "MaxVio")
+    - ``entropy``: entropy of the load fraction / log E, 1 = uniform, 0 = one expert takes all
+    - ``unused_experts``: experts that received nothing
+    """
+    load = tokens_per_expert_E.double()
+    E = load.numel()
+    total = load.sum().clamp(min=1)
+    mean = load.mean()
+    frac = load / total
+    nonzero = frac[frac > 0]
+    entropy = -(nonzero * nonzero.log()).sum().item() / math.log(E) if E > 1 else 1.0
+    safe_mean = mean.clamp(min=1e-12)
+    return {
+        "tokens_per_expert": load.tolist(),
+        "load_fraction": frac.tolist(),
+        "cv": (load.std(unbiased=False) / safe_mean).item(),
+        "max_vio": (load.max() / safe_mean - 1).item(),
+        "entropy": entropy,
+        "unused_experts": int((load == 0).sum().item()),
+    }
+
+
+@torch.no_grad()
+def routing_metrics(info: RoutingInfo) -> dict[str, float | list[float]]:
+    """Everything above for one layer, plus dropping, confidence and gate mass.
+
+    - ``dropped_fraction``: dropped token-expert assignments / all assignments
+    - ``dropped_token_fraction``: tokens that lost all their slots / tokens
+    - ``router_confidence``: mean over tokens of the highest normalised router score
+    - ``gate_mass``: share of the total combine weight that each expert receives, to read
+      next to ``load_fraction`` (an expert can get many tokens with small weights)
+    """
+    routing, stats = info.router, info.stats
+    T, K = routing.expert_ids_TK.shape
+    E = routing.scores_TE.shape[1]
+    out = load_metrics(stats.tokens_per_expert)
+    out["dropped_fraction"] = stats.dropped_assignments.item() / (T * K)
+    out["dropped_token_fraction"] = stats.dropped_tokens.item() / T
+    dist_TE = routing.scores_TE / routing.scores_TE.sum(dim=-1, keepdim=True)
+    out["router_confidence"] = dist_TE.max(dim=-1).values.mean().item()
+    mass_E = torch.zeros(E, dtype=torch.float64, device=routing.weights_TK.device)
+    mass_E.index_add_(0, routing.expert_ids_TK.flatten(), routing.weights_TK.flatten().double())
+    out["gate_mass"] = (mass_E / mass_E.sum().clamp(min=1e-12)).tolist()
+    return out
