@@ -1,0 +1,213 @@
+"""Checkpoints: one safetensors file per save, written atomically, loaded with integrity checks.
+
+A checkpoint holds everything needed to continue a run bit for bit: model parameters and
+buffers (the loss-free balancing bias included), AdamW moments, the schedule position, the
+RNG states, the data position (the step: batches are a pure function of seed and step) and
+both configs. Tensors go in the safetensors body; the rest is JSON in its metadata header.
+
+Writing goes to ``<name>.tmp`` first, is fsynced, then renamed over the final name, so a
+crash (even SIGKILL) leaves either the previous checkpoint or the new one, never half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT = "moe-workbench-checkpoint-1"
+_NAME = re.compile(r"^ckpt-(\d{8})\.safetensors$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated or not one of ours."""
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any]
+    scheduler_state: dict[str, Any]
+    rng_state: dict[str, Any]
+    model_config: dict[str, Any]
+    train_config: dict[str, Any]
+    path: Path | None = None
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / f"ckpt-{step:08d}.safetensors"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Finished checkpoints in ``run_dir`` (temporary files ignored), oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(found)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _optimizer_to_flat(optimizer: torch.optim.Optimizer, param_names: dict[int, str]
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """AdamW's state keyed by parameter *name* (robust to parameter order) plus its groups."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, state in sd["state"].items():
+        name = param_names[idx]
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optim/{name}/{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(name, {})[key] = value
+    groups = [{**{k: v for k, v in g.items() if k != "params"},
+               "params": [param_names[i] for i in g["params"]]} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """Back to a ``torch.optim`` state dict, parameters numbered by their order in the groups."""
+    index: dict[str, int] = {}
+    groups = []
+    for g in meta["param_groups"]:
+        ids = []
+        for name in g["params"]:
+            index[name] = len(index)
+            ids.append(index[name])
+        groups.append({**g, "params": ids})
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, name, field = key.split("/", 2)
+        state.setdefault(index[name], {})[field] = value
+    for name, scalars in meta["scalars"].items():
+        state.setdefault(index[name], {}).update(scalars)
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, model_config: dict[str, Any], train_config: dict[str, Any],
+                    keep: int | None = None) -> Path:
+    """Write ``ckpt-<step>.safetensors`` atomically; then keep only the newest ``keep`` files."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # Shared storage (tied embeddings) cannot be saved twice by safetensors: clone each entry.
+    tensors = {f"model/{k}": v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    # The optimizer numbers parameters by their order in its groups, not in the model: map
+    # each one to its name through its identity.
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    ordered = [p for g in optimizer.param_groups for p in g["params"]]
+    param_names = {i: by_id[id(p)] for i, p in enumerate(ordered)}
+    optim_tensors, optim_meta = _optimizer_to_flat(optimizer, param_names)
+    tensors.update(optim_tensors)
+    rng = capture_rng_state()
+    tensors["rng/torch"] = rng["torch"]
+    for i, s in enumerate(rng.get("cuda", [])):
+        tensors[f"rng/cuda/{i}"] = s
+    metadata = {
+        "format": FORMAT,
+        "step": str(step),
+        "model_config": json.dumps(model_config),
+        "train_config": json.dumps(train_config),
+        "optimizer": json.dumps(optim_meta),
+        "scheduler": json.dumps(scheduler.state_dict()),
+        "rng_python": json.dumps(rng["python"]),
+    }
+    final = checkpoint_path(run_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(run_dir)
+    if keep is not None:
+        for _, old in list_checkpoints(run_dir)[:-keep]:
+            old.unlink(missing_ok=True)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _python_rng(value: Any) -> Any:
+    """JSON turned random.getstate()'s tuples into lists; rebuild them."""
+    version, internal, gauss = value
+    return (version, tuple(internal), gauss)
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read and verify one checkpoint; ``CheckpointError`` names the file when it is unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for truncated files
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt): {err}") from err
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not a {FORMAT} file (format={metadata.get('format')!r})")
+    try:
+        rng: dict[str, Any] = {"torch": tensors.pop("rng/torch"),
+                               "python": _python_rng(json.loads(metadata["rng_python"]))}
+        cuda = sorted((k for k in tensors if k.startswith("rng/cuda/")), key=lambda k: int(k.rsplit("/", 1)[1]))
+        if cuda:
+            rng["cuda"] = [tensors.pop(k) for k in cuda]
+        model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+        optim_tensors = {k: v for k, v in tensors.items() if k.startswith("optim/")}
+        return Checkpoint(
+            step=int(metadata["step"]),
+            model_state=model_state,
+            optimizer_state=_optimizer_from_flat(optim_tensors, json.loads(metadata["optimizer"])),
+            scheduler_state=json.loads(metadata["scheduler"]),
+            rng_state=rng,
+            model_config=json.loads(metadata["model_config"]),
+            train_config=json.loads(metadata["train_config"]),
+            path=path,
+        )
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} is incomplete: missing or bad entry {err}") from err
+
+
+def load_latest_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The newest checkpoint that loads; unreadable newer ones are skipped with a warning."""
+    for _, path in reversed(list_checkpoints(run_dir)):
+        try:
+            return load_checkpoint(path)
+        except CheckpointError as err:
+            warnings.warn(f"{err}; falling back to the previous checkpoint", stacklevel=2)
+    return None

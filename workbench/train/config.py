@@ -1,0 +1,88 @@
+"""Training configuration and the named load-balancing recipes."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+
+def _check(ok: bool, name: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid: {allowed}")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """One training run: optimisation, evaluation, checkpoints and data."""
+
+    steps: int = 300
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 30
+    weight_decay: float = 0.1  # matrices only: not on norms, biases or the router's balancing bias
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    seed: int = 0
+    device: str = "auto"  # auto: cuda if available, else cpu
+    autocast: str = "auto"  # auto: bf16 autocast on CUDA, none on CPU; or "bf16" / "none"
+
+    eval_every: int = 100  # also evaluated at the last step
+    eval_windows: int = 16  # validation windows per domain
+    checkpoint_every: int = 100  # also saved at the last step
+    keep_checkpoints: int = 2
+
+    data: str | None = None  # a text file or a folder of domain subfolders; None: built-in corpus
+    val_fraction: float = 0.05
+    max_bytes_per_domain: int = 2_000_000  # built-in corpus size per domain
+
+    run_dir: str = "runs/latest"
+    wandb_project: str = "moe-workbench"
+    progress: bool = True  # tqdm progress bar
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_windows", "checkpoint_every",
+                     "keep_checkpoints", "max_bytes_per_domain"):
+            _check(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        _check(self.lr > 0, "lr", "must be > 0", self.lr)
+        _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]", self.min_lr_ratio)
+        _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0", self.warmup_steps)
+        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
+        _check(0 <= self.beta1 < 1, "beta1", "must be in [0, 1)", self.beta1)
+        _check(0 <= self.beta2 < 1, "beta2", "must be in [0, 1)", self.beta2)
+        _check(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)", self.grad_clip)
+        _check(0 < self.val_fraction < 1, "val_fraction", "must be in (0, 1)", self.val_fraction)
+        _check(self.autocast in ("auto", "bf16", "none"), "autocast", "allowed values are auto, bf16, none",
+               self.autocast)
+        _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "npu", "mps"), "device",
+               "allowed values are auto, cpu, cuda[:N], npu[:N], mps", self.device)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# Named recipes for --balance: which MoEConfig weights to set. Explicit flags override them.
+BALANCE_RECIPES: dict[str, dict[str, Any]] = {
+    # Switch Transformer / GShard auxiliary loss (Fedus et al. 2021 use 1e-2)
+    "aux_loss": {"aux_loss_weight": 1e-2, "seq_aux_loss_weight": 0.0, "bias_update_rate": 0.0},
+    # DeepSeek-V3's sequence-wise loss alone
+    "seq_aux": {"aux_loss_weight": 0.0, "seq_aux_loss_weight": 1e-2, "bias_update_rate": 0.0},
+    # Auxiliary-loss-free balancing (Wang et al. 2024 use u = 1e-3)
+    "loss_free": {"aux_loss_weight": 0.0, "seq_aux_loss_weight": 0.0, "bias_update_rate": 1e-3},
+    # DeepSeek-V3: loss-free bias plus a tiny sequence-wise loss (alpha = 1e-4)
+    "deepseek_v3": {"aux_loss_weight": 0.0, "seq_aux_loss_weight": 1e-4, "bias_update_rate": 1e-3},
+    "none": {"aux_loss_weight": 0.0, "seq_aux_loss_weight": 0.0, "bias_update_rate": 0.0},
+}
+
+
+def balance_recipe(name: str) -> dict[str, Any]:
+    if name not in BALANCE_RECIPES:
+        raise ValueError(f"balance={name!r} is invalid: allowed values are {', '.join(BALANCE_RECIPES)}")
+    return dict(BALANCE_RECIPES[name])

@@ -1,0 +1,180 @@
+"""Matplotlib figures and ipywidgets panels used by the notebooks and the training report.
+
+Every plot takes plain data (the trainer's history rows, tensors, lists) and an optional
+``ax``, so notebooks can compose them; matplotlib and ipywidgets are imported lazily.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _plt():
+    try:
+        import matplotlib.pyplot as plt  # headless machines fall back to the Agg backend by themselves
+    except ImportError as err:  # pragma: no cover - depends on the installation
+        raise ImportError("plots need matplotlib: pip install 'moe-workbench[notebooks]'") from err
+    return plt
+
+
+def _axes(ax, figsize=(6, 3.5)):
+    if ax is not None:
+        return ax.figure, ax
+    fig, ax = _plt().subplots(figsize=figsize)
+    return fig, ax
+
+
+def moe_layers_in(history: Sequence[dict[str, Any]]) -> list[int]:
+    """Indices of the MoE layers that the history rows report (keys ``L<i>/...``)."""
+    if not history:
+        return []
+    return sorted({int(k[1:].split("/")[0]) for k in history[-1] if k.startswith("L") and "/" in k})
+
+
+def smooth(values: Sequence[float], window: int) -> list[float]:
+    """Trailing moving average (the first points average what exists so far)."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def plot_losses(history: Sequence[dict[str, Any]], ax=None, smoothing: int = 10):
+    """Training loss (raw and smoothed) and validation loss per domain, against step."""
+    fig, ax = _axes(ax)
+    steps = [r["step"] for r in history]
+    lm = [r["lm_loss"] for r in history]
+    ax.plot(steps, lm, color="0.8", lw=0.8, label="train (per step)")
+    ax.plot(steps, smooth(lm, smoothing), color="k", lw=1.5, label=f"train ({smoothing}-step mean)")
+    val_keys = sorted({k for r in history for k in r if k.startswith("val/") and k != "val/loss"})
+    for key in val_keys:
+        pts = [(r["step"], r[key]) for r in history if key in r]
+        ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats / byte)")
+    ax.set_title("loss")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def plot_max_vio(history: Sequence[dict[str, Any]], ax=None, smoothing: int = 10):
+    """MaxVio (max load / mean load - 1) of every MoE layer against step."""
+    fig, ax = _axes(ax)
+    steps = [r["step"] for r in history]
+    for layer in moe_layers_in(history):
+        ax.plot(steps, smooth([r[f"L{layer}/max_vio"] for r in history], smoothing), label=f"layer {layer}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("MaxVio")
+    ax.set_title(f"load imbalance ({smoothing}-step mean)")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def plot_load_over_time(history: Sequence[dict[str, Any]], layer: int, ax=None):
+    """Heatmap of each expert's load (relative to uniform: 1 = its fair share) against step."""
+    fig, ax = _axes(ax)
+    frac = torch.tensor([r[f"L{layer}/load_fraction"] for r in history])  # (steps, E)
+    E = frac.shape[1]
+    steps = [r["step"] for r in history]
+    im = ax.imshow((frac * E).T.numpy(), aspect="auto", cmap="RdBu_r", vmin=0, vmax=2, interpolation="nearest",
+                   extent=(steps[0] - 0.5, steps[-1] + 0.5, E - 0.5, -0.5))
+    ax.set_xlabel("step")
+    ax.set_ylabel("expert")
+    ax.set_title(f"layer {layer}: load / uniform")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    return fig
+
+
+def plot_domain_expert(matrix_DE: torch.Tensor, domains: Sequence[str], ax=None, title: str = "",
+                       normalize: bool = True):
+    """Domain x expert routing: each row is the share of that domain's assignments per expert."""
+    fig, ax = _axes(ax)
+    m = matrix_DE.double()
+    if normalize:
+        m = m / m.sum(dim=1, keepdim=True).clamp(min=1)
+    im = ax.imshow(m.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_yticks(range(len(domains)), list(domains), fontsize=8)
+    ax.set_xlabel("expert")
+    ax.set_title(title or "domain x expert (share of domain's tokens)")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    return fig
+
+
+def plot_expert_load(tokens_per_expert: Sequence[float], ax=None, gate_mass: Sequence[float] | None = None,
+                     title: str = "load per expert"):
+    """Bars of each expert's share of assignments (and of gate weight, when given); the
+    dashed line is the uniform share."""
+    fig, ax = _axes(ax)
+    load = torch.tensor(tokens_per_expert, dtype=torch.float64)
+    share = load / load.sum().clamp(min=1)
+    E = len(share)
+    xs = torch.arange(E).double()
+    width = 0.4 if gate_mass is not None else 0.8
+    ax.bar((xs - width / 2 if gate_mass is not None else xs).numpy(), share.numpy(), width, label="assignments")
+    if gate_mass is not None:
+        ax.bar((xs + width / 2).numpy(), list(gate_mass), width, label="gate mass")
+        ax.legend(fontsize=7)
+    ax.axhline(1 / E, color="k", ls="--", lw=0.8)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("share")
+    ax.set_title(title)
+    return fig
+
+
+def plot_token_routing(token_strings: Sequence[str], expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                       num_experts: int, ax=None, title: str = ""):
+    """Token x expert grid: cell (t, e) is the combine weight token t gives expert e."""
+    T = len(token_strings)
+    grid = torch.zeros(T, num_experts)
+    grid.scatter_(1, expert_ids_TK.cpu(), weights_TK.detach().float().cpu())
+    fig, ax = _axes(ax, figsize=(max(6, T * 0.22), 3.5))
+    im = ax.imshow(grid.T.numpy(), aspect="auto", cmap="Blues", interpolation="nearest")
+    ax.set_xticks(range(T), [repr(s)[1:-1] for s in token_strings], fontsize=7, rotation=90)
+    ax.set_ylabel("expert")
+    ax.set_title(title or "routing of each token (combine weight)")
+    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
+    return fig
+
+
+def training_report(history: Sequence[dict[str, Any]], eval_result: Any, path: str | Path | None = None,
+                    max_layers: int = 4):
+    """The run's report: loss curves, MaxVio, per-layer load over time, domain x expert matrices."""
+    plt = _plt()
+    layers = moe_layers_in(history)[:max_layers]
+    cols = max(2, len(layers))
+    rows = 3 if layers else 1
+    fig = plt.figure(figsize=(4.2 * cols, 3.4 * rows), constrained_layout=True)
+    grid = fig.add_gridspec(rows, cols)
+    half = cols // 2
+    plot_losses(history, fig.add_subplot(grid[0, :half] if layers else grid[0, :]))
+    if layers:
+        plot_max_vio(history, fig.add_subplot(grid[0, half:]))
+        for j, layer in enumerate(layers):
+            plot_load_over_time(history, layer, fig.add_subplot(grid[1, j]))
+        if eval_result is not None:
+            moe_layer_ids = moe_layers_in(history)
+            for j, layer in enumerate(layers):
+                plot_domain_expert(eval_result.routing_matrix[moe_layer_ids.index(layer)], eval_result.domains,
+                                   fig.add_subplot(grid[2, j]),
+                                   title=f"layer {layer}: domain x expert (step {eval_result.step})")
+    if path is not None:
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return fig
+
+
+def layer_picker(plot: Callable[[int], Any], layers: Sequence[int], description: str = "layer"):
+    """An ipywidgets dropdown that re-runs ``plot(layer)``; call ``plot`` once directly as well
+    so a headless run exercises the same code."""
+    try:
+        import ipywidgets as widgets
+    except ImportError as err:  # pragma: no cover
+        raise ImportError("widgets need ipywidgets: pip install 'moe-workbench[notebooks]'") from err
+    return widgets.interact(plot, layer=widgets.Dropdown(options=list(layers), description=description))
