@@ -136,7 +136,7 @@ def plot_token_routing(token_strings: Sequence[str], expert_ids_TK: torch.Tensor
     grid.scatter_(1, expert_ids_TK.cpu(), weights_TK.detach().float().cpu())
     fig, ax = _axes(ax, figsize=(max(6, T * 0.22), 3.5))
     im = ax.imshow(grid.T.numpy(), aspect="auto", cmap="Blues", interpolation="nearest")
-    ax.set_xticks(range(T), [repr(s)[1:-1] for s in token_strings], fontsize=7, rotation=90)
+    ax.set_xticks(range(T), list(token_strings), fontsize=7, rotation=90)
     ax.set_ylabel("expert")
     ax.set_title(title or "routing of each token (combine weight)")
     fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
@@ -168,6 +168,36 @@ def training_report(history: Sequence[dict[str, Any]], eval_result: Any, path: s
         fig.savefig(path, dpi=110)
         plt.close(fig)
     return fig
+
+
+class LiveLossPlot:
+    """A ``Trainer.fit`` callback that redraws the loss and MaxVio curves every ``every`` steps
+    in a notebook (one display area, updated in place); silent outside IPython."""
+
+    def __init__(self, every: int = 10, smoothing: int = 10):
+        self.every, self.smoothing = every, smoothing
+        self._handle = None
+
+    def __call__(self, trainer, row: dict[str, Any]) -> None:
+        last = trainer.step == trainer.cfg.steps
+        if trainer.step % self.every and not last:
+            return
+        try:
+            from IPython.display import display
+        except ImportError:
+            return
+        plt = _plt()
+        moe = bool(moe_layers_in(trainer.history))
+        fig, axes = plt.subplots(1, 2 if moe else 1, figsize=(11 if moe else 6, 3.3), squeeze=False)
+        plot_losses(trainer.history, axes[0, 0], self.smoothing)
+        if moe:
+            plot_max_vio(trainer.history, axes[0, 1], self.smoothing)
+        fig.suptitle(f"step {trainer.step} / {trainer.cfg.steps}", fontsize=9)
+        if self._handle is None:
+            self._handle = display(fig, display_id=True)
+        else:
+            self._handle.update(fig)
+        plt.close(fig)
 
 
 def layer_picker(plot: Callable[[int], Any], layers: Sequence[int], description: str = "layer"):

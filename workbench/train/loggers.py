@@ -60,6 +60,7 @@ class WandbLogger:
         mode = os.environ.get("WANDB_MODE", "disabled")
         if mode == "disabled":
             return
+        os.environ.setdefault("WANDB_SILENT", "true")  # keep the terminal for the progress bar and summary
         try:
             import wandb
         except ImportError:
