@@ -36,12 +36,24 @@ def test_active_params_leave_out_exactly_the_unchosen_experts(name):
     assert cfg.num_active_params() == cfg.num_params() - inactive
 
 
-@pytest.mark.parametrize("name", ["tiny", "dense", "shared_gated_tied", "first_dense_every2"])
+ROUTER_VARIANTS = {r: tiny(router=r) for r in ("noisy_topk", "cosine", "expert_choice", "soft_moe", "sigmoid")}
+
+
+@pytest.mark.filterwarnings("ignore::workbench.moe.CausalLeakWarning")
+@pytest.mark.parametrize("name", list(ROUTER_VARIANTS))
+def test_num_params_matches_the_module_for_every_router_shape(name):
+    cfg = ROUTER_VARIANTS[name]
+    assert cfg.num_params() == sum(p.numel() for p in MoELM(cfg).parameters())
+
+
+@pytest.mark.filterwarnings("ignore::workbench.moe.CausalLeakWarning")
+@pytest.mark.parametrize("name", ["tiny", "dense", "shared_gated_tied", "first_dense_every2", *ROUTER_VARIANTS])
 def test_flops_per_token_matches_a_flop_counter(name):
     """Run forward + backward under torch's FlopCounterMode with the loop dispatch (plain mm per
-    expert, so every routed token is counted once per chosen expert). The counter sees the
-    matmuls; attention's score and value products are added by the formula checked below."""
-    cfg = VARIANTS[name]
+    expert, so every routed token is counted once per chosen expert; expert choice's C and soft
+    MoE's slots divide evenly here). The counter sees the matmuls, soft MoE's mixing einsums
+    included; attention's score and value products are added by the formula checked below."""
+    cfg = VARIANTS.get(name) or ROUTER_VARIANTS[name]
     if cfg.moe is not None:
         cfg = cfg.replace(moe=MoEConfig(**{**cfg.moe.__dict__, "dispatch": "loop"}))
     model = MoELM(cfg)

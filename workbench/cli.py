@@ -111,13 +111,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     """Preset, then balance recipe, then explicit flags; validation errors propagate as ValueError."""
     given = vars(args)
-    model_cfg = preset(args.preset)
-    moe_values = dataclasses.asdict(model_cfg.moe)
-    if args.balance:
-        moe_values.update(balance_recipe(args.balance))
-    moe_values.update({k: given[k] for k in _MOE_FIELDS if k in given})
-    moe = None if args.dense else MoEConfig(**moe_values)
-    model_cfg = ModelConfig(**{**dataclasses.asdict(model_cfg), "moe": moe,
+    moe_overrides = balance_recipe(args.balance) if args.balance else {}
+    moe_overrides.update({k: given[k] for k in _MOE_FIELDS if k in given})
+    model_cfg = preset(args.preset, **moe_overrides)
+    model_cfg = ModelConfig(**{**dataclasses.asdict(model_cfg), "moe": None if args.dense else model_cfg.moe,
                                **{k: given[k] for k in _MODEL_FIELDS if k in given}})
     train_cfg = TrainConfig(**{k: given[k] for k in _TRAIN_FIELDS if k in given})
     if train_cfg.data is not None and not Path(train_cfg.data).exists():

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 DROP_POLICIES = ("position", "score")
+EXPERT_CHOICE_EVAL = ("expert_choice", "token_choice")
 
 
 def _check(ok: bool, field_name: str, allowed: str, value: Any) -> None:
@@ -36,6 +37,14 @@ class MoEConfig:
     num_groups: int = 1  # sigmoid router: experts split into groups (DeepSeek-V3 node-limited routing)
     topk_groups: int = 1  # ... of which this many are kept per token
     route_scale: float = 1.0  # sigmoid router: gates are multiplied by this after renormalising
+    # expert choice: the paper's capacity factor c (average experts per token), C = ceil(c T / E);
+    # None = top_k, the expert compute of top-k token choice
+    expert_choice_capacity: float | None = None
+    expert_choice_eval: str = "expert_choice"  # or "token_choice": evaluate causally (top-k of the same scores)
+    hash_vocab_size: int = 256  # hash router: rows of the token id -> experts table; >= the vocabulary size
+    sinkhorn_iters: int = 10  # sinkhorn router: balancing iterations (fixed, in log space)
+    soft_slots_per_expert: int = 1  # soft MoE: slots per expert, per sequence
+    cosine_dim: int = 16  # cosine router: dimension of the hypersphere that tokens and experts meet on
 
     # --- shared experts (DeepSeekMoE / Qwen2-MoE) --------------------------------------
     num_shared_experts: int = 0
@@ -109,6 +118,31 @@ class MoEConfig:
                    + ", ".join(biased), self.router)
         for name in ("aux_loss_weight", "seq_aux_loss_weight", "z_loss_weight", "bias_update_rate"):
             _check(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
+        if self.expert_choice_capacity is not None:
+            _check(0 < self.expert_choice_capacity <= self.num_experts, "expert_choice_capacity",
+                   f"must be None or in (0, num_experts={self.num_experts}]", self.expert_choice_capacity)
+        _check_choice("expert_choice_eval", self.expert_choice_eval, EXPERT_CHOICE_EVAL)
+        for name in ("hash_vocab_size", "sinkhorn_iters", "soft_slots_per_expert", "cosine_dim"):
+            _check(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+
+    def router_params(self, d_model: int) -> int:
+        """Parameters of one router (they differ by router type); equals the module's count."""
+        E = self.num_experts
+        if self.router == "noisy_topk":
+            return 2 * d_model * E  # gate and noise projections
+        if self.router == "cosine":
+            return d_model * self.cosine_dim + E * self.cosine_dim + 1  # projection, expert embeddings, temperature
+        if self.router == "soft_moe":
+            return d_model * E * self.soft_slots_per_expert  # one column of Phi per slot
+        return d_model * E
+
+    @property
+    def experts_per_token(self) -> float:
+        """Expert passes per token on average: top_k; the capacity factor c for expert choice
+        (soft MoE's E * slots / S depends on the sequence length, see ``dense_baseline``)."""
+        if self.router == "expert_choice":
+            return float(self.expert_choice_capacity or self.top_k)
+        return float(self.top_k)
 
     @property
     def shared_hidden(self) -> int:
@@ -168,15 +202,28 @@ class ModelConfig:
     def _attention_params(self) -> int:
         return 4 * self.d_model * self.d_model  # q, k, v, o projections, no biases
 
-    def _moe_params(self) -> tuple[int, int]:
-        """(total, active per token) parameters of one MoE FFN, router and shared experts included."""
+    def experts_per_token(self) -> float:
+        """Expert passes per token, on average: ``top_k``; expert choice's capacity factor c;
+        soft MoE's slots per token, E * slots_per_expert / seq_len, at full-length sequences."""
+        m = self.moe
+        if m is None:
+            return 0.0
+        if m.router == "soft_moe":
+            return m.num_experts * m.soft_slots_per_expert / self.seq_len
+        return m.experts_per_token
+
+    def _moe_params(self) -> tuple[int, float]:
+        """(total, active per token) parameters of one MoE FFN, router and shared experts included.
+
+        Active counts the expert parameters a token's compute goes through on average, so it is
+        fractional for expert choice and soft MoE."""
         m, d = self.moe, self.d_model
         expert = 3 * d * m.expert_hidden
         shared = 3 * d * m.shared_hidden + (d if m.shared_expert_gate and m.shared_hidden else 0)
-        router = d * m.num_experts
-        return router + m.num_experts * expert + shared, router + m.top_k * expert + shared
+        router = m.router_params(d)
+        return router + m.num_experts * expert + shared, router + self.experts_per_token() * expert + shared
 
-    def _layer_params(self, i: int) -> tuple[int, int]:
+    def _layer_params(self, i: int) -> tuple[int, float]:
         norms = 2 * self.d_model
         if self.is_moe_layer(i):
             ffn_total, ffn_active = self._moe_params()
@@ -196,9 +243,10 @@ class ModelConfig:
         return embed + head + self.d_model + sum(self._layer_params(i)[0] for i in range(self.n_layers))
 
     def num_active_params(self) -> int:
-        """Parameters that touch one token: only ``top_k`` of the routed experts count."""
+        """Parameters that one token's compute goes through: ``top_k`` of the routed experts
+        (the average number of expert passes for expert choice and soft MoE), rounded."""
         embed, head = self._embedding_params()
-        return embed + head + self.d_model + sum(self._layer_params(i)[1] for i in range(self.n_layers))
+        return round(embed + head + self.d_model + sum(self._layer_params(i)[1] for i in range(self.n_layers)))
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token (forward + backward = 3x forward).
@@ -206,18 +254,24 @@ class ModelConfig:
         Matmul FLOPs are 6 x the active matmul parameters (Kaplan et al. 2020), the LM head
         included and embedding lookups and norms excluded. Attention scores and values add
         6 x 2 x n_layers x seq_len x d_model, the full (unmasked) ``QK^T`` and ``AV`` products as
-        counted by PaLM (Chowdhery et al. 2022, appendix B) and nanoGPT's MFU estimate.
+        counted by PaLM (Chowdhery et al. 2022, appendix B) and nanoGPT's MFU estimate. Soft MoE
+        adds its two token-slot mixing products the same way (6 x 2 x slots x d_model per layer).
+        Expert choice and soft MoE give the average over full-length sequences, rounded.
         """
         d = self.d_model
-        matmul = self.vocab_size * d  # LM head (tied or not, it is a matmul)
+        matmul: float = self.vocab_size * d  # LM head (tied or not, it is a matmul)
+        mixing = 2 * self.n_layers * self.seq_len * d  # attention scores and values
         for i in range(self.n_layers):
             matmul += self._attention_params()
             if self.is_moe_layer(i):
                 matmul += self._moe_params()[1]
+                if self.moe.router == "cosine":
+                    matmul -= 1  # the temperature is a parameter but not a matmul weight
+                if self.moe.router == "soft_moe":
+                    mixing += 2 * self.moe.num_experts * self.moe.soft_slots_per_expert * d
             else:
                 matmul += 3 * d * self.dense_hidden
-        attention = 2 * self.n_layers * self.seq_len * d
-        return 6 * (matmul + attention)
+        return round(6 * (matmul + mixing))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -238,15 +292,23 @@ class ModelConfig:
 # Plain functions, as minGPT and torchtitan do: easy to read and to call with overrides.
 
 
+def _preset_moe(overrides: dict[str, Any], **defaults: Any) -> dict[str, Any]:
+    """A preset's MoE fields with the caller's overrides on top; the switch router routes to one
+    expert, so it gets ``top_k=1`` unless the caller says otherwise."""
+    if overrides.get("router") == "switch":
+        defaults["top_k"] = 1
+    return {**defaults, **overrides}
+
+
 def tiny(**moe_overrides: Any) -> ModelConfig:
     """Trains a few hundred steps on 2 CPU cores in about a minute."""
-    moe = MoEConfig(num_experts=8, top_k=2, expert_hidden=128, **moe_overrides)
+    moe = MoEConfig(**_preset_moe(num_experts=8, top_k=2, expert_hidden=128, overrides=moe_overrides))
     return ModelConfig(seq_len=128, d_model=128, n_layers=4, n_heads=4, dense_hidden=256, moe=moe)
 
 
 def small(**moe_overrides: Any) -> ModelConfig:
     """The layer benchmark's shape (16 experts, top-2, d_model 256, hidden 512) in a 6-layer LM."""
-    moe = MoEConfig(num_experts=16, top_k=2, expert_hidden=512, **moe_overrides)
+    moe = MoEConfig(**_preset_moe(num_experts=16, top_k=2, expert_hidden=512, overrides=moe_overrides))
     return ModelConfig(seq_len=256, d_model=256, n_layers=6, n_heads=8, dense_hidden=1024, moe=moe)
 
 
@@ -257,3 +319,29 @@ def preset(name: str, **moe_overrides: Any) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"preset={name!r} is invalid: allowed values are {', '.join(PRESETS)}")
     return PRESETS[name](**moe_overrides)
+
+
+def dense_baseline(cfg: ModelConfig) -> ModelConfig:
+    """The dense model with the MoE model's *active* expert parameters and FLOPs per token.
+
+    Every MoE FFN becomes a dense SwiGLU FFN of hidden size ``experts_per_token * expert_hidden
+    + shared_hidden`` (top-k: ``top_k * H``; expert choice: ``c * H``; soft MoE:
+    ``E * slots * H / seq_len`` at full-length sequences), rounded to an integer. A token then
+    meets the same number of expert weights in both models, in the same matmul shapes up to
+    the split into experts (Switch Transformer's FLOP-matched comparison, Fedus et al. 2021).
+
+    Not matched: the router (``moe.router_params(d_model)`` per MoE layer) and the shared-expert
+    gate (d_model), which the dense model does not have; ``num_active_params`` and
+    ``flops_per_token`` differ by exactly those. A ModelConfig has one ``dense_hidden``, so a
+    model that mixes dense and MoE layers can be converted only when its dense layers already
+    have that width.
+    """
+    m = cfg.moe
+    if m is None:
+        return cfg
+    hidden = max(1, round(cfg.experts_per_token() * m.expert_hidden)) + m.shared_hidden
+    has_dense_layers = len(cfg.moe_layers) < cfg.n_layers
+    _check(not has_dense_layers or cfg.dense_hidden == hidden, "dense_hidden",
+           f"the model mixes dense and MoE layers, and its dense layers must already have the MoE's active "
+           f"width {hidden} to make an equal-active-parameter dense model", cfg.dense_hidden)
+    return cfg.replace(moe=None, dense_hidden=hidden)

@@ -40,6 +40,33 @@ def test_switch_aux_loss_top2_divides_f_by_k():
     assert switch_aux_loss(probs, ids).item() == pytest.approx(1.0)
 
 
+def test_aux_losses_skip_padding_slots():
+    ids = torch.tensor([[0, 1], [0, 0], [1, 0]])
+    mask = torch.tensor([[True, False], [True, False], [True, True]])
+    # real assignments: expert 0 gets t0, t1, t2 (slot 1); expert 1 gets t2 (slot 0): f = [3/4, 1/4]
+    P = PROBS[:3].mean(0)
+    expected = 2 * (0.75 * P[0] + 0.25 * P[1])
+    assert switch_aux_loss(PROBS[:3], ids, slot_mask_TK=mask).item() == pytest.approx(expected.item())
+    # sequence-wise: one sequence of three tokens, f = E * [3/4, 1/4]
+    seq = sequence_aux_loss(PROBS[:3].unsqueeze(0), ids.unsqueeze(0), slot_mask_BSK=mask.unsqueeze(0))
+    assert seq.item() == pytest.approx(expected.item())
+    # with padding tokens too: t2 is padding, so only t0 and t1 count, both to expert 0
+    token_mask = torch.tensor([True, True, False])
+    assert switch_aux_loss(PROBS[:3], ids, token_mask, mask).item() == pytest.approx(2 * PROBS[:2, 0].mean().item())
+
+
+def test_aux_losses_with_an_all_true_slot_mask_equal_the_unmasked_ones():
+    torch.manual_seed(1)
+    probs = torch.randn(4, 6, 5).softmax(-1)
+    ids = torch.rand(4, 6, 5).argsort(-1)[..., :2]
+    mask_BS = torch.rand(4, 6) > 0.3
+    full = torch.ones(4, 6, 2, dtype=torch.bool)
+    torch.testing.assert_close(sequence_aux_loss(probs, ids, mask_BS, full), sequence_aux_loss(probs, ids, mask_BS))
+    flat = probs.view(24, 5), ids.view(24, 2)
+    torch.testing.assert_close(switch_aux_loss(*flat, mask_BS.view(24), full.view(24, 2)),
+                               switch_aux_loss(*flat, mask_BS.view(24)))
+
+
 def test_imbalanced_routing_scores_worse_than_balanced():
     T, E = 64, 8
     uniform = torch.full((T, E), 1 / E)

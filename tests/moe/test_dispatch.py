@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.moe.helpers import random_routing
+from tests.moe.helpers import random_masked_routing, random_routing
 from workbench.config import MoEConfig
 from workbench.moe import DISPATCHES, MoELayer, RouterOutput, SwiGLUExperts, SwiGLUMLP
 from workbench.moe.dispatch import capacity_dispatch, expert_capacity, loop_dispatch
@@ -185,3 +185,84 @@ def test_dispatch_under_bf16_autocast_keeps_routing_in_fp32():
     assert info.router.logits_TE.dtype == torch.float32
     assert info.router.weights_TK.dtype == torch.float32
     assert torch.isfinite(y.float()).all()
+
+
+# --- masked routing (expert choice): padding slots are ignored everywhere --------------------
+
+
+@pytest.mark.parametrize("D,H", [(32, 64), (20, 30)])
+@pytest.mark.parametrize("E,K", [(8, 3), (4, 4), (6, 1)])
+def test_dispatches_agree_with_loop_reference_under_a_slot_mask(D, H, E, K):
+    T = 96
+    experts = make_experts(E, D, H)
+    x = torch.randn(T, D)
+    routing = random_masked_routing(T, E, K, requires_grad=True)
+    mask = routing.mask_TK
+    y_ref, stats_ref, g_ref = run(loop_dispatch, x, routing, experts)
+    assert y_ref.abs().max() > 0.1
+    # padding slots contribute nothing: the reference equals a sum over the real slots only
+    explicit = torch.zeros(T, D)
+    for t, k in mask.nonzero().tolist():
+        e = routing.expert_ids_TK[t, k].item()
+        explicit[t] += routing.weights_TK[t, k].detach() * experts.forward_one(e, x[t]).detach()
+    assert (y_ref - explicit).abs().max() <= OUT_TOL
+    assert y_ref[0].abs().max() == 0  # the token with no real slot gets no expert output
+    assert g_ref[1][~mask].abs().max() == 0  # padding weights get no gradient
+    real = torch.bincount(routing.expert_ids_TK[mask], minlength=E)
+    assert torch.equal(stats_ref.tokens_per_expert, real)
+
+    no_drop_factor = float(E)  # C = number of real pairs: no expert can overflow
+    for name, kw in [("sorted", {}), ("capacity", {"capacity_factor": no_drop_factor})]:
+        y, stats, g = run(DISPATCHES[name], x, routing, experts, **kw)
+        assert (y - y_ref).abs().max() <= OUT_TOL, name
+        for a, b, what in zip(g, g_ref, ["x", "weights", "w1", "w2", "w3"], strict=True):
+            assert (a - b).abs().max() <= GRAD_TOL, f"{name}: gradient of {what}"
+        assert torch.equal(stats.tokens_per_expert, real), name
+        assert stats.dropped_assignments.item() == 0 and stats.dropped_tokens.item() == 0
+
+
+def test_capacity_under_a_slot_mask_counts_only_real_pairs():
+    """2 experts; t0 -> e0, t1 -> e0, t2 -> e0 (+ a padding slot on e1 each).
+    Real pairs: 3, so capacity_factor 1 gives C = ceil(3 / 2) = 2: t2 is dropped, and padding
+    neither claims e1's slots nor counts as dropped."""
+    experts = make_experts(2, 8, 16)
+    x = torch.randn(3, 8)
+    ids = torch.tensor([[0, 1], [0, 1], [0, 1]])
+    mask = torch.tensor([[True, False]] * 3)
+    weights = torch.tensor([[0.5, 0.9], [0.6, 0.9], [0.7, 0.9]])
+    scores = torch.full((3, 2), 0.5)
+    routing = RouterOutput(ids, weights, scores, scores.log(), mask)
+    y, stats = capacity_dispatch(x, routing, experts, capacity_factor=1.0)
+    assert stats.capacity == 2
+    assert stats.tokens_per_expert.tolist() == [3, 0] and stats.kept_per_expert.tolist() == [2, 0]
+    assert stats.dropped_assignments.item() == 1 and stats.dropped_tokens.item() == 1
+    expected = torch.stack([0.5 * experts.forward_one(0, x[0]), 0.6 * experts.forward_one(0, x[1]), torch.zeros(8)])
+    torch.testing.assert_close(y, expected, atol=OUT_TOL, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore::workbench.moe.routers.CausalLeakWarning")
+def test_layer_dispatches_agree_end_to_end_with_expert_choice():
+    """Expert choice through MoELayer: every dispatch gives the same output and gradients
+    (router, experts, shared expert, input), with padded slots in play."""
+    results = {}
+    for name in DISPATCHES:
+        torch.manual_seed(4)
+        cfg = MoEConfig(router="expert_choice", num_experts=8, top_k=2, expert_hidden=32, dispatch=name,
+                        capacity_factor=8.0, num_shared_experts=1, z_loss_weight=0.1)
+        layer = MoELayer(16, cfg)
+        layer.experts.reset_parameters(std=0.25, out_std=0.2)
+        x = torch.randn(2, 24, 16, requires_grad=True)
+        y, info = layer(x)
+        assert info.router.mask_TK is not None and not info.router.mask_TK.all()
+        loss = (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(2))).sum() + info.weighted_loss
+        loss.backward()
+        results[name] = (y.detach(), x.grad, {n: p.grad for n, p in layer.named_parameters()}, info)
+    y_ref, gx_ref, gp_ref, info_ref = results["loop"]
+    assert gp_ref["router.weight"].abs().sum() > 0
+    for name in ("sorted", "capacity"):
+        y, gx, gp, info = results[name]
+        assert info.stats.dropped_assignments.item() == 0
+        assert (y - y_ref).abs().max() <= OUT_TOL
+        assert (gx - gx_ref).abs().max() <= GRAD_TOL
+        for n in gp_ref:
+            assert (gp[n] - gp_ref[n]).abs().max() <= GRAD_TOL, n

@@ -8,9 +8,17 @@ import torch
 from workbench.config import MoEConfig
 from workbench.moe import ROUTERS, build_router
 
+# expert_choice and soft_moe warn that they are not causal; test_router_zoo.py checks the warning
+pytestmark = pytest.mark.filterwarnings("ignore::workbench.moe.routers.CausalLeakWarning")
+
 
 def make(name: str, d_model: int = 16, **kw):
     return build_router(d_model, MoEConfig(router=name, **kw))
+
+
+def call(router, x):
+    """The hash router needs token ids; every other router ignores them."""
+    return router(x, torch.arange(x.shape[0]) % 256)
 
 
 @pytest.mark.parametrize("name", list(ROUTERS))
@@ -18,11 +26,16 @@ def test_contract_shapes_dtypes_and_distinct_experts(name):
     top_k = 1 if name == "switch" else 3
     router = make(name, num_experts=8, top_k=top_k)
     x = torch.randn(50, 16)
-    out = router(x)
-    assert out.expert_ids_TK.shape == (50, top_k) and out.expert_ids_TK.dtype == torch.long
-    assert out.weights_TK.shape == (50, top_k) and out.weights_TK.dtype == torch.float32
+    out = call(router, x)
+    # expert choice pads K to the most experts any token got; the others give exactly top_k
+    K = out.expert_ids_TK.shape[1] if name == "expert_choice" else top_k
+    assert out.expert_ids_TK.shape == (50, K) and out.expert_ids_TK.dtype == torch.long
+    assert out.weights_TK.shape == (50, K) and out.weights_TK.dtype == torch.float32
     assert out.scores_TE.shape == out.logits_TE.shape == (50, 8)
-    assert (out.weights_TK > 0).all()
+    mask = torch.ones(50, K, dtype=torch.bool) if out.mask_TK is None else out.mask_TK
+    assert mask.dtype == torch.bool and mask.shape == (50, K)
+    assert (out.weights_TK[mask] > 0).all() and (out.weights_TK[~mask] == 0).all()
+    assert ((0 <= out.expert_ids_TK) & (out.expert_ids_TK < 8)).all()
     # no token picks the same expert twice
     assert (out.expert_ids_TK.sort(dim=1).values.diff(dim=1) != 0).all()
 
@@ -32,11 +45,17 @@ def test_routing_maths_stays_fp32_under_bf16_autocast(name):
     router = make(name, num_experts=8, top_k=1 if name == "switch" else 2)
     x = torch.randn(20, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = router(x.bfloat16())
+        out = call(router, x.bfloat16())
     for t in (out.weights_TK, out.scores_TE, out.logits_TE):
         assert t.dtype == torch.float32
-    # the logits are the fp32 product of the bf16 input with the fp32 weight
-    torch.testing.assert_close(out.logits_TE, x.bfloat16().float() @ router.weight.t())
+    # the router's input projection is the fp32 product of the bf16 input with the fp32 weight
+    with torch.autocast("cpu", enabled=False):
+        expected = router.gate_logits(x.bfloat16().float())
+    if name in ("softmax_topk", "switch", "noisy_topk", "sigmoid"):
+        torch.testing.assert_close(expected, x.bfloat16().float() @ router.weight.t())
+    if name == "soft_moe":
+        expected = expected.view(20, 8, -1).logsumexp(-1)
+    torch.testing.assert_close(out.logits_TE, expected)
 
 
 def test_softmax_topk_picks_the_highest_probabilities_and_renormalises():

@@ -1,14 +1,22 @@
 """The MoE layer and its parts: routers, experts, dispatch, balancing and metrics."""
 
 from workbench.moe.balance import router_z_loss, sequence_aux_loss, switch_aux_loss, update_router_bias
-from workbench.moe.dispatch import DISPATCHES, DispatchStats, expert_capacity
+from workbench.moe.dispatch import DISPATCHES, DispatchStats, expert_capacity, soft_dispatch
 from workbench.moe.experts import SwiGLUExperts, SwiGLUMLP, grouped_matmul
 from workbench.moe.layer import MoELayer, RoutingInfo
 from workbench.moe.metrics import load_metrics, routing_metrics
-from workbench.moe.routers import ROUTERS, Router, RouterOutput, build_router
+from workbench.moe.routers import (
+    ROUTERS,
+    CausalLeakWarning,
+    Router,
+    RouterOutput,
+    SoftRouterOutput,
+    build_router,
+)
 
 __all__ = [
-    "DISPATCHES", "ROUTERS", "DispatchStats", "MoELayer", "Router", "RouterOutput", "RoutingInfo",
-    "SwiGLUExperts", "SwiGLUMLP", "build_router", "expert_capacity", "grouped_matmul", "load_metrics",
-    "router_z_loss", "routing_metrics", "sequence_aux_loss", "switch_aux_loss", "update_router_bias",
+    "DISPATCHES", "ROUTERS", "CausalLeakWarning", "DispatchStats", "MoELayer", "Router", "RouterOutput",
+    "RoutingInfo", "SoftRouterOutput", "SwiGLUExperts", "SwiGLUMLP", "build_router", "expert_capacity",
+    "grouped_matmul", "load_metrics", "router_z_loss", "routing_metrics", "sequence_aux_loss", "soft_dispatch",
+    "switch_aux_loss", "update_router_bias",
 ]

@@ -28,8 +28,16 @@ def _as_distribution(scores_TE: torch.Tensor) -> torch.Tensor:
     return scores_TE / scores_TE.sum(dim=-1, keepdim=True)
 
 
+def _assignment_fraction(expert_ids_TK: torch.Tensor, num_experts: int, mask_T: torch.Tensor | None,
+                         slot_mask_TK: torch.Tensor, dim: int) -> torch.Tensor:
+    """Share of the real assignments (slot mask True, token mask True) that go to each expert."""
+    slots = slot_mask_TK if mask_T is None else slot_mask_TK & mask_T.unsqueeze(-1)
+    one_hot_TE = (F.one_hot(expert_ids_TK, num_experts) * slots.unsqueeze(-1)).sum(dim=-2).float()
+    return one_hot_TE.sum(dim=dim) / one_hot_TE.sum(dim=(dim, -1)).clamp(min=1).unsqueeze(-1)
+
+
 def switch_aux_loss(scores_TE: torch.Tensor, expert_ids_TK: torch.Tensor,
-                    mask_T: torch.Tensor | None = None) -> torch.Tensor:
+                    mask_T: torch.Tensor | None = None, slot_mask_TK: torch.Tensor | None = None) -> torch.Tensor:
     """Switch / GShard load-balancing loss (Fedus et al. 2021, eq. 4-6; Lepikhin et al. 2020).
 
         L = E * sum_i f_i * P_i
@@ -38,30 +46,39 @@ def switch_aux_loss(scores_TE: torch.Tensor, expert_ids_TK: torch.Tensor,
 
     f is not differentiable; the gradient flows through P and pushes probability away from
     overloaded experts. Uniform routing gives L = 1 (dividing f by K keeps that true for top-k).
-    ``mask_T`` (True = real token) leaves padding out of both f and P.
+    ``mask_T`` (True = real token) leaves padding out of both f and P. ``slot_mask_TK`` (True =
+    real assignment; expert choice) leaves padding slots out of f, whose denominator becomes
+    the number of real assignments: f is then exactly uniform for expert choice, and L = 1.
     """
     T, E = scores_TE.shape
     K = expert_ids_TK.shape[1]
-    one_hot_TE = F.one_hot(expert_ids_TK, E).sum(dim=1).to(scores_TE.dtype)
-    f_E = _masked_mean(one_hot_TE, mask_T) / K
+    if slot_mask_TK is None:
+        one_hot_TE = F.one_hot(expert_ids_TK, E).sum(dim=1).to(scores_TE.dtype)
+        f_E = _masked_mean(one_hot_TE, mask_T) / K
+    else:
+        f_E = _assignment_fraction(expert_ids_TK, E, mask_T, slot_mask_TK, dim=0).to(scores_TE.dtype)
     P_E = _masked_mean(_as_distribution(scores_TE), mask_T)
     return E * torch.sum(f_E * P_E)
 
 
 def sequence_aux_loss(scores_BSE: torch.Tensor, expert_ids_BSK: torch.Tensor,
-                      mask_BS: torch.Tensor | None = None) -> torch.Tensor:
+                      mask_BS: torch.Tensor | None = None, slot_mask_BSK: torch.Tensor | None = None) -> torch.Tensor:
     """DeepSeek-V3 complementary sequence-wise balance loss (arXiv:2412.19437, eq. 17-20).
 
         L = sum_i f_i * P_i, per sequence, averaged over the batch
         f_i = E / (K S) * sum_t 1[expert i in the top-k of token t]
         P_i = (1 / S) * sum_t s'_ti,   s'_ti = s_ti / sum_j s_tj
 
-    It balances every sequence, not only the batch. Uniform routing gives L = 1.
+    It balances every sequence, not only the batch. Uniform routing gives L = 1. With
+    ``slot_mask_BSK`` (expert choice) K S becomes the sequence's number of real assignments.
     """
     B, S, E = scores_BSE.shape
     K = expert_ids_BSK.shape[-1]
-    one_hot_BSE = F.one_hot(expert_ids_BSK, E).sum(dim=2).to(scores_BSE.dtype)
-    f_BE = _masked_mean(one_hot_BSE, mask_BS, dim=1) * (E / K)
+    if slot_mask_BSK is None:
+        one_hot_BSE = F.one_hot(expert_ids_BSK, E).sum(dim=2).to(scores_BSE.dtype)
+        f_BE = _masked_mean(one_hot_BSE, mask_BS, dim=1) * (E / K)
+    else:
+        f_BE = _assignment_fraction(expert_ids_BSK, E, mask_BS, slot_mask_BSK, dim=1).to(scores_BSE.dtype) * E
     P_BE = _masked_mean(_as_distribution(scores_BSE), mask_BS, dim=1)
     return (f_BE * P_BE).sum(dim=-1).mean()
 

@@ -14,8 +14,16 @@ Three implementations of that one function, selected by name from ``DISPATCHES``
 ``capacity`` and ``sorted`` are written as three separable steps (permute, expert compute,
 un-permute and combine) so that an all-to-all can later go between them.
 
+Masked routing (expert choice): where ``routing.mask_TK`` is given, a False slot is padding: it
+is not computed, not counted and claims no capacity, and its weight gets no gradient. The
+common path (``mask_TK is None``) runs exactly the code it runs without masks.
+
+Soft MoE does not route tokens to experts; ``soft_dispatch`` (not in ``DISPATCHES``: the layer
+picks it when its router has ``mixes_tokens``) mixes tokens into slots and back.
+
 Shape legend: T tokens, D model dim, E experts, K experts per token, N = T*K token-expert
-pairs (flattened row-major from (T, K), so pair n is token n // K), C capacity.
+pairs (flattened row-major from (T, K), so pair n is token n // K), C capacity;
+soft MoE: B sequences, S positions, L = E * slots_per_expert slots.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from workbench.moe.experts import SwiGLUExperts
-from workbench.moe.routers import RouterOutput
+from workbench.moe.routers import RouterOutput, SoftRouterOutput
 
 
 @dataclass
@@ -35,13 +43,20 @@ class DispatchStats:
     tokens_per_expert: torch.Tensor  # (E,) long: assignments routed to each expert, before drops
     kept_per_expert: torch.Tensor  # (E,) long: assignments the experts actually processed
     dropped_assignments: torch.Tensor  # () long: token-expert pairs that lost their slot
-    dropped_tokens: torch.Tensor  # () long: tokens that lost every one of their K slots
+    dropped_tokens: torch.Tensor  # () long: tokens that had assignments and lost all of them
     capacity: int | None = None  # slots per expert; None for dropless dispatch
 
     @classmethod
     def dropless(cls, tokens_per_expert: torch.Tensor) -> DispatchStats:
         zero = tokens_per_expert.new_zeros(())
         return cls(tokens_per_expert, tokens_per_expert, zero, zero.clone(), None)
+
+
+def assignments_per_expert(routing: RouterOutput, num_experts: int) -> torch.Tensor:
+    """(E,) long: the real token-expert assignments of each expert (padding slots left out)."""
+    ids_TK = routing.expert_ids_TK
+    valid_ids = ids_TK.flatten() if routing.mask_TK is None else ids_TK[routing.mask_TK]
+    return torch.bincount(valid_ids, minlength=num_experts)
 
 
 def combine(pair_out_ND: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
@@ -58,14 +73,16 @@ def loop_dispatch(x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLUExpe
         torch.Tensor, DispatchStats]:
     y_TD = torch.zeros_like(x_TD)
     for e in range(experts.num_experts):
-        token_idx, slot_idx = torch.where(routing.expert_ids_TK == e)
+        is_e_TK = routing.expert_ids_TK == e
+        if routing.mask_TK is not None:
+            is_e_TK = is_e_TK & routing.mask_TK
+        token_idx, slot_idx = torch.where(is_e_TK)
         if token_idx.numel() == 0:
             continue
         out = experts.forward_one(e, x_TD[token_idx])
         weight = routing.weights_TK[token_idx, slot_idx].unsqueeze(1).to(out.dtype)
         y_TD = y_TD.index_add(0, token_idx, out * weight)
-    tokens_per_expert = torch.bincount(routing.expert_ids_TK.flatten(), minlength=experts.num_experts)
-    return y_TD, DispatchStats.dropless(tokens_per_expert)
+    return y_TD, DispatchStats.dropless(assignments_per_expert(routing, experts.num_experts))
 
 
 # --- sorted: dropless, one grouped GEMM ----------------------------------------------------
@@ -74,14 +91,24 @@ def loop_dispatch(x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLUExpe
 def sorted_dispatch(x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLUExperts) -> tuple[
         torch.Tensor, DispatchStats]:
     T, K = routing.expert_ids_TK.shape
+    E = experts.num_experts
     expert_of_pair_N = routing.expert_ids_TK.flatten()
+    if routing.mask_TK is not None:
+        # padding pairs join a group E after every expert: sorted last, never computed
+        expert_of_pair_N = expert_of_pair_N.masked_fill(~routing.mask_TK.flatten(), E)
     # permute: a stable sort groups the pairs by expert, tokens in order within a group
     sorted_to_pair_N = expert_of_pair_N.argsort(stable=True)
-    tokens_per_expert = torch.bincount(expert_of_pair_N, minlength=experts.num_experts)
-    x_sorted_ND = x_TD.index_select(0, sorted_to_pair_N // K)
+    tokens_per_expert = torch.bincount(expert_of_pair_N, minlength=E)
+    if routing.mask_TK is not None:
+        tokens_per_expert = tokens_per_expert[:E]
+    counts = tokens_per_expert.tolist()
+    num_valid = sum(counts)
+    x_sorted_ND = x_TD.index_select(0, sorted_to_pair_N[:num_valid] // K)
 
     # expert compute: one grouped GEMM per weight matrix over the jagged groups
-    out_sorted_ND = experts.forward_grouped(x_sorted_ND, tokens_per_expert.tolist())
+    out_sorted_ND = experts.forward_grouped(x_sorted_ND, counts)
+    if num_valid < T * K:  # padding pairs read zero rows
+        out_sorted_ND = torch.cat([out_sorted_ND, out_sorted_ND.new_zeros(T * K - num_valid, x_TD.shape[1])])
 
     # un-permute (the inverse permutation) and combine
     pair_to_sorted_N = torch.empty_like(sorted_to_pair_N)
@@ -120,19 +147,29 @@ def capacity_dispatch(x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLU
         raise ValueError(f"capacity_factor={capacity_factor!r} is invalid: must be > 0")
     T, K = routing.expert_ids_TK.shape
     E, D = experts.num_experts, x_TD.shape[1]
-    C = expert_capacity(T, K, E, capacity_factor)
+    mask_N = None if routing.mask_TK is None else routing.mask_TK.flatten()
     expert_of_pair_N = routing.expert_ids_TK.flatten()
-    tokens_per_expert = torch.bincount(expert_of_pair_N, minlength=E)
+    group_of_pair_N = expert_of_pair_N  # padding pairs rank in a group E of their own
+    if mask_N is None:
+        C = expert_capacity(T, K, E, capacity_factor)
+    else:
+        # C from the real assignments: ceil(capacity_factor * (real pairs) / E)
+        C = max(1, math.ceil(capacity_factor * int(mask_N.sum()) / E))
+        group_of_pair_N = expert_of_pair_N.masked_fill(~mask_N, E)
+    tokens_per_group = torch.bincount(group_of_pair_N, minlength=E)
+    tokens_per_expert = tokens_per_group if mask_N is None else tokens_per_group[:E]
 
     # Rank of each pair among the pairs sent to the same expert, in priority order.
     priority_N = _pair_priority(routing, drop_policy)
-    by_expert_N = expert_of_pair_N[priority_N].argsort(stable=True)
+    by_expert_N = group_of_pair_N[priority_N].argsort(stable=True)
     pair_in_rank_order_N = priority_N[by_expert_N]
-    group_start_E = tokens_per_expert.cumsum(0) - tokens_per_expert
+    group_start_E = tokens_per_group.cumsum(0) - tokens_per_group
     rank_N = torch.empty_like(expert_of_pair_N)
     rank_N[pair_in_rank_order_N] = (torch.arange(T * K, device=x_TD.device)
-                                    - group_start_E[expert_of_pair_N[pair_in_rank_order_N]])
+                                    - group_start_E[group_of_pair_N[pair_in_rank_order_N]])
     kept_N = rank_N < C
+    if mask_N is not None:
+        kept_N = kept_N & mask_N
 
     # permute into the (E, C, D) buffer; empty slots stay zero (and SwiGLU maps zero to zero)
     kept_pairs = kept_N.nonzero().squeeze(1)
@@ -146,14 +183,69 @@ def capacity_dispatch(x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLU
     y_TD = combine(out_ECD.view(E * C, D).index_select(0, slot_N), weights_TK)
 
     kept_per_expert = tokens_per_expert.clamp(max=C)
+    if mask_N is None:
+        dropped_assignments = (~kept_N).sum()
+        dropped_tokens = (~kept_N.view(T, K)).all(dim=1).sum()
+    else:
+        dropped_assignments = (mask_N & ~kept_N).sum()
+        dropped_tokens = (routing.mask_TK.any(dim=1) & ~kept_N.view(T, K).any(dim=1)).sum()
     stats = DispatchStats(
         tokens_per_expert=tokens_per_expert,
         kept_per_expert=kept_per_expert,
-        dropped_assignments=(~kept_N).sum(),
-        dropped_tokens=(~kept_N.view(T, K)).all(dim=1).sum(),
+        dropped_assignments=dropped_assignments,
+        dropped_tokens=dropped_tokens,
         capacity=C,
     )
     return y_TD, stats
+
+
+# --- soft: every slot a weighted average of tokens (Soft MoE) -----------------------------
+
+
+def soft_mixing_weights(slot_logits_BSL: torch.Tensor, padding_mask_BS: torch.Tensor | None = None) -> tuple[
+        torch.Tensor, torch.Tensor]:
+    """Soft MoE's dispatch and combine weights (Puigcerver et al. 2023, arXiv:2308.00951).
+
+        D[b, s, l] = exp(logit[b, s, l]) / sum_s' exp(logit[b, s', l])    over a sequence's tokens
+        C[b, s, l] = exp(logit[b, s, l]) / sum_l' exp(logit[b, s, l'])    over slots
+
+    Padding tokens (``padding_mask_BS`` False) get no dispatch weight; a sequence of padding
+    only dispatches uniformly, so nothing divides by zero. Both fp32, shape (B, S, L).
+    """
+    dispatch_logits = slot_logits_BSL
+    if padding_mask_BS is not None:
+        fill = torch.finfo(slot_logits_BSL.dtype).min
+        dispatch_logits = slot_logits_BSL.masked_fill(~padding_mask_BS.unsqueeze(-1), fill)
+    return dispatch_logits.softmax(dim=1), slot_logits_BSL.softmax(dim=2)
+
+
+def soft_dispatch(x_TD: torch.Tensor, routing: SoftRouterOutput, experts: SwiGLUExperts, *,
+                  batch_shape: tuple[int, int] | None = None,
+                  padding_mask_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, DispatchStats]:
+    """Soft MoE: mix each sequence's tokens into slots, run every expert on its slots, mix back.
+
+        slots[b, l] = sum_s D[b, s, l] x[b, s]            out[b, l] = expert_{l // slots}(slots[b, l])
+        y[b, s]     = sum_l C[b, s, l] out[b, l]
+
+    Mixing stays within a sequence (``batch_shape`` = (B, S); None: all T tokens are one
+    sequence), so sequences of a batch never see each other. Every expert runs on exactly
+    B * slots_per_expert rows, one batched GEMM, nothing dropped. ``stats.tokens_per_expert``
+    counts the router's attribution (``routing.expert_ids_TK``), not compute: see
+    ``SoftMoERouter``.
+    """
+    T, D = x_TD.shape
+    B, S = batch_shape if batch_shape is not None else (1, T)
+    E = experts.num_experts
+    L = routing.slot_logits_TL.shape[1]
+    slots = L // E
+    dispatch_BSL, combine_BSL = soft_mixing_weights(routing.slot_logits_TL.view(B, S, L), padding_mask_BS)
+    x_BSD = x_TD.view(B, S, D)
+    slots_BLD = torch.einsum("bsl,bsd->bld", dispatch_BSL.to(x_TD.dtype), x_BSD)
+    # expert e's slots of every sequence in one row block: (E, B * slots, D)
+    slots_ERD = slots_BLD.view(B, E, slots, D).transpose(0, 1).reshape(E, B * slots, D)
+    out_BLD = experts.forward_batched(slots_ERD).view(E, B, slots, D).transpose(0, 1).reshape(B, L, D)
+    y_BSD = torch.einsum("bsl,bld->bsd", combine_BSL.to(out_BLD.dtype), out_BLD)
+    return y_BSD.reshape(T, D), DispatchStats.dropless(assignments_per_expert(routing, E))
 
 
 Dispatch = Callable[..., tuple[torch.Tensor, DispatchStats]]

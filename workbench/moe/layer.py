@@ -1,5 +1,11 @@
 """The MoE feed-forward layer: router -> dispatch -> experts -> combine (+ shared experts).
 
+Every router in ``ROUTERS`` plugs in unchanged. Two cases are settled at construction, not in
+``forward``: expert choice's padded slots (``RouterOutput.mask_TK``) are honoured by every
+dispatch and balancing loss, and a router that mixes tokens (soft MoE) takes
+``soft_dispatch`` instead of ``MoEConfig.dispatch``; that dispatch alone needs the (B, S)
+layout and the padding mask, because it mixes the tokens of a sequence.
+
 Shape legend: B batch, S sequence, T = B*S tokens, D model dim, E experts, K experts per token.
 """
 
@@ -12,7 +18,7 @@ from torch import nn
 
 from workbench.config import MoEConfig
 from workbench.moe import balance
-from workbench.moe.dispatch import DISPATCHES, DispatchStats
+from workbench.moe.dispatch import DISPATCHES, DispatchStats, soft_dispatch
 from workbench.moe.experts import SwiGLUExperts, SwiGLUMLP
 from workbench.moe.routers import RouterOutput, build_router
 
@@ -45,6 +51,8 @@ class MoELayer(nn.Module):
             {"capacity_factor": cfg.capacity_factor, "drop_policy": cfg.drop_policy}
             if cfg.dispatch == "capacity" else {}
         )
+        if self.router.mixes_tokens:  # soft MoE mixes tokens into slots: its own dispatch, cfg.dispatch unused
+            self.dispatch, self.dispatch_kwargs = soft_dispatch, {}
         self.shared_experts = SwiGLUMLP(d_model, cfg.shared_hidden) if cfg.shared_hidden else None
         # Qwen2-MoE gates the shared expert per token with sigmoid(x . w_g).
         self.shared_gate = (nn.Linear(d_model, 1, bias=False)
@@ -58,7 +66,10 @@ class MoELayer(nn.Module):
         x_TD = x_BSD.reshape(B * S, D)
         token_ids_T = None if token_ids_BS is None else token_ids_BS.reshape(-1)
         routing = self.router(x_TD, token_ids_T)
-        y_TD, stats = self.dispatch(x_TD, routing, self.experts, **self.dispatch_kwargs)
+        kwargs = self.dispatch_kwargs
+        if self.router.mixes_tokens:  # slots mix the tokens of one sequence, never of the batch
+            kwargs = {"batch_shape": (B, S), "padding_mask_BS": padding_mask_BS}
+        y_TD, stats = self.dispatch(x_TD, routing, self.experts, **kwargs)
 
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)
@@ -77,10 +88,12 @@ class MoELayer(nn.Module):
                         padding_mask_BS: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         B, S = batch_shape
         mask_T = None if padding_mask_BS is None else padding_mask_BS.reshape(-1)
+        slot_mask_TK = routing.mask_TK
         losses = {
-            "aux_loss": balance.switch_aux_loss(routing.scores_TE, routing.expert_ids_TK, mask_T),
+            "aux_loss": balance.switch_aux_loss(routing.scores_TE, routing.expert_ids_TK, mask_T, slot_mask_TK),
             "seq_aux_loss": balance.sequence_aux_loss(
-                routing.scores_TE.view(B, S, -1), routing.expert_ids_TK.view(B, S, -1), padding_mask_BS),
+                routing.scores_TE.view(B, S, -1), routing.expert_ids_TK.view(B, S, -1), padding_mask_BS,
+                None if slot_mask_TK is None else slot_mask_TK.view(B, S, -1)),
             "z_loss": balance.router_z_loss(routing.logits_TE, mask_T),
         }
         cfg = self.cfg

@@ -47,21 +47,38 @@ def load_metrics(tokens_per_expert_E: torch.Tensor) -> dict[str, float | list[fl
 def routing_metrics(info: RoutingInfo) -> dict[str, float | list[float]]:
     """Everything above for one layer, plus dropping, confidence and gate mass.
 
-    - ``dropped_fraction``: dropped token-expert assignments / all assignments
+    - ``dropped_fraction``: dropped token-expert assignments / all (real) assignments
     - ``dropped_token_fraction``: tokens that lost all their slots / tokens
     - ``router_confidence``: mean over tokens of the highest normalised router score
     - ``gate_mass``: share of the total combine weight that each expert receives, to read
       next to ``load_fraction`` (an expert can get many tokens with small weights)
+    - ``experts_per_token``: mean real assignments per token (K, except for expert choice)
+    - ``unrouted_token_fraction``: tokens with no assignment at all (expert choice: tokens no
+      expert picked; 0 for every token-choice router)
+
+    Expert choice (``mask_TK``): padding slots count nowhere; ``load_fraction`` is uniform by
+    construction and the interesting numbers are ``experts_per_token`` and
+    ``unrouted_token_fraction``. Soft MoE: every expert processes the same number of slots, so
+    the load numbers describe *attribution* (each token's top_k experts by combine mass,
+    ``SoftMoERouter``), ``gate_mass`` their share of that mass, and nothing is dropped.
     """
     routing, stats = info.router, info.stats
     T, K = routing.expert_ids_TK.shape
     E = routing.scores_TE.shape[1]
+    weights_TK = routing.weights_TK
+    if routing.mask_TK is None:
+        assignments_T = torch.full((T,), K, device=weights_TK.device)
+    else:
+        assignments_T = routing.mask_TK.sum(dim=1)
+        weights_TK = weights_TK * routing.mask_TK
     out = load_metrics(stats.tokens_per_expert)
-    out["dropped_fraction"] = stats.dropped_assignments.item() / (T * K)
+    out["dropped_fraction"] = stats.dropped_assignments.item() / max(1, int(assignments_T.sum()))
     out["dropped_token_fraction"] = stats.dropped_tokens.item() / T
     dist_TE = routing.scores_TE / routing.scores_TE.sum(dim=-1, keepdim=True)
     out["router_confidence"] = dist_TE.max(dim=-1).values.mean().item()
-    mass_E = torch.zeros(E, dtype=torch.float64, device=routing.weights_TK.device)
-    mass_E.index_add_(0, routing.expert_ids_TK.flatten(), routing.weights_TK.flatten().double())
+    mass_E = torch.zeros(E, dtype=torch.float64, device=weights_TK.device)
+    mass_E.index_add_(0, routing.expert_ids_TK.flatten(), weights_TK.flatten().double())
     out["gate_mass"] = (mass_E / mass_E.sum().clamp(min=1e-12)).tolist()
+    out["experts_per_token"] = assignments_T.double().mean().item()
+    out["unrouted_token_fraction"] = (assignments_T == 0).double().mean().item()
     return out

@@ -5,11 +5,54 @@ layer never branches on the router type, and one registry (``ROUTERS``) selects 
 Routing maths runs in fp32, also under bf16 autocast: small logit differences decide the top-k,
 and the softmax / sigmoid of bf16 logits would change which experts win.
 
-Shape legend: T tokens, D model dim, E experts, K experts per token, G expert groups.
+The zoo (``ROUTERS``):
+
+=================  ==========================================  ==================================
+name               selects                                     gate (combine weight)
+=================  ==========================================  ==================================
+``softmax_topk``   top-k softmax probabilities (+ bias)        probabilities, renormalised or not
+``switch``         top-1 (+ bias), jittered input              the raw probability
+``noisy_topk``     top-k of noisy logits                       softmax over the k noisy logits
+``sigmoid``        top-k sigmoid affinities (+ bias, groups)   affinities, renormalised, scaled
+``expert_choice``  each expert its top-C tokens (not causal)   the softmax probability
+``hash``           a fixed random map of the token id          probabilities of the hashed experts
+``sinkhorn``       top-k of the Sinkhorn-balanced matrix       probabilities (unbalanced softmax)
+``soft_moe``       every token to every slot (not causal)      softmax over slots (in ``soft_dispatch``)
+``cosine``         top-k cosine / learned temperature (+ bias) probabilities of the scaled cosines
+``uniform``        forced round-robin, exactly balanced        probabilities of the forced experts
+``random``         k uniformly random experts, every forward   probabilities of the random experts
+=================  ==========================================  ==================================
+
+"Probabilities" means ``softmax(logits)`` of the router's own linear gate gathered at the selected
+experts, renormalised over the k when ``normalize_topk`` (so the gate is 1 for k=1). The routers
+whose selection ignores the logits (hash, uniform, random) keep that gate so that the router
+still runs, costs the same FLOPs and gets a gradient from the LM loss, and a comparison with
+``softmax_topk`` changes only the selection.
+
+Two routers stretch the contract, both documented on the classes:
+
+- ``expert_choice`` gives a token anywhere from 0 to E experts: ``RouterOutput.mask_TK`` marks the
+  real slots of a (T, K) output padded to the most experts any token received in the batch.
+  Every dispatch, balancing loss and metric honours the mask; ``None`` (every other router)
+  means every slot is real, and costs nothing.
+- ``soft_moe`` does not send tokens to experts at all: every slot is a weighted average of the
+  tokens of a sequence. Its router sets ``mixes_tokens = True``, which makes ``MoELayer`` run
+  ``workbench.moe.dispatch.soft_dispatch``; its ``RouterOutput`` summarises the mixing per expert
+  so that the metrics and analyses still read it.
+
+Two routers let a token's output depend on later tokens (``expert_choice``, ``soft_moe``): they
+warn with ``CausalLeakWarning`` when built, since the workbench's model is a causal LM.
+``sinkhorn`` balances over the batch in training, so there its *selection* (not its gates)
+depends on the other tokens of the batch too; it routes causally at evaluation.
+
+Shape legend: T tokens, D model dim, E experts, K experts per token, G expert groups,
+C tokens per expert (expert choice), P cosine routing dim, L = E * slots_per_expert (soft MoE).
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -25,25 +68,77 @@ class RouterOutput:
     weights_TK: torch.Tensor  # fp32: combine weights of those experts
     scores_TE: torch.Tensor  # fp32: probabilities (softmax) or affinities (sigmoid) of every expert
     logits_TE: torch.Tensor  # fp32: raw router logits (the z-loss reads these)
+    # bool: True where slot (t, k) is a real assignment. None (every router but expert choice):
+    # all are. Padding slots carry weight 0 and an in-range expert id, and every consumer skips them.
+    mask_TK: torch.Tensor | None = None
+
+
+@dataclass
+class SoftRouterOutput(RouterOutput):
+    """Soft MoE's routing: the slot logits that ``soft_dispatch`` mixes with, plus per-expert
+    summaries in the common fields (see ``SoftMoERouter``)."""
+
+    slot_logits_TL: torch.Tensor | None = None  # fp32: x . phi_l for every slot l = e * slots + j
+
+
+class CausalLeakWarning(UserWarning):
+    """A router whose output for one token depends on later tokens, used in the causal LM.
+
+    Silence it, once you have read it, with
+    ``warnings.simplefilter("ignore", workbench.moe.routers.CausalLeakWarning)``.
+    """
+
+
+def _warn_causal_leak(name: str, how: str, fix: str) -> None:
+    warnings.warn(
+        f"router={name!r} is not causal: {how}, so in the workbench's causal LM a token's output "
+        "depends on later tokens and the training loss is optimistic (the model can read the future "
+        "through the routing). Options: (1) use it for research on balance and routing only, knowing "
+        f"the LM loss is not comparable with causal routers; (2) {fix}; (3) use it in a non-causal "
+        "(encoder) setting.",
+        CausalLeakWarning,
+        stacklevel=3,
+    )
+
+
+def _probability_gates(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """Gates of chosen experts: their softmax probability, renormalised over the k if ``normalize``."""
+    weights_TK = probs_TE.gather(1, expert_ids_TK)
+    if normalize:
+        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+    return weights_TK
 
 
 class Router(nn.Module):
-    """Base class: a linear gate ``logits = x W_r`` computed in fp32, then ``route``."""
+    """Base class: a linear gate ``logits = x W_r`` computed in fp32, then ``route``.
+
+    ``weight`` is always the router's input projection, (rows, D): the expert logits for most
+    routers, a low-dimensional projection for ``cosine``, the slot logits for ``soft_moe``.
+    """
+
+    mixes_tokens: bool = False  # True for soft MoE: MoELayer dispatches with soft_dispatch
 
     def __init__(self, d_model: int, cfg: MoEConfig):
         super().__init__()
         self.num_experts = cfg.num_experts
         self.top_k = cfg.top_k
-        self.weight = nn.Parameter(torch.empty(cfg.num_experts, d_model))
+        self.weight = nn.Parameter(torch.empty(self.gate_rows(cfg), d_model))
         nn.init.normal_(self.weight, std=d_model**-0.5)
+
+    @staticmethod
+    def gate_rows(cfg: MoEConfig) -> int:
+        return cfg.num_experts
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> RouterOutput:
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = F.linear(self.prepare_input(x_TD).float(), self.weight.float())
+            logits_TE = self.gate_logits(self.prepare_input(x_TD).float())
             return self.route(logits_TE)
 
     def prepare_input(self, x_TD: torch.Tensor) -> torch.Tensor:
         return x_TD
+
+    def gate_logits(self, x32_TD: torch.Tensor) -> torch.Tensor:
+        return F.linear(x32_TD, self.weight.float())
 
     def route(self, logits_TE: torch.Tensor) -> RouterOutput:
         raise NotImplementedError
@@ -83,9 +178,7 @@ class SoftmaxTopKRouter(BiasedTopKRouter):
     def route(self, logits_TE: torch.Tensor) -> RouterOutput:
         probs_TE = logits_TE.softmax(dim=-1)
         expert_ids_TK = self.select(probs_TE)
-        weights_TK = probs_TE.gather(1, expert_ids_TK)
-        if self.normalize_topk:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        weights_TK = _probability_gates(probs_TE, expert_ids_TK, self.normalize_topk)
         return RouterOutput(expert_ids_TK, weights_TK, probs_TE, logits_TE)
 
 
@@ -180,11 +273,295 @@ class SigmoidRouter(BiasedTopKRouter):
         return RouterOutput(expert_ids_TK, weights_TK * self.route_scale, scores_TE, logits_TE)
 
 
+class ExpertChoiceRouter(Router):
+    """Expert choice routing (Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing",
+    arXiv:2202.09368): experts pick tokens.
+
+        S    = Softmax(X W_g)            (T, E) token-to-expert affinities, softmax over experts
+        I_e  = TopK(S[:, e], C)          expert e takes the C tokens with the highest affinity
+        y_t  = sum_{e : t in I_e} S[t, e] * expert_e(x_t)      gate = the affinity, as in the paper
+
+    Capacity: ``C = ceil(c * T / E)`` with ``c = expert_choice_capacity``, the paper's capacity
+    factor (the average number of experts per token; the paper's EC-CF2 is c = 2). ``None``
+    takes c = top_k, the same expert compute as top-k token choice. C is clamped to [1, T].
+    T is every token of the batch: experts choose across sequences. The router does not see
+    the padding mask, so padding tokens compete for capacity like real ones.
+
+    Every expert gets exactly C tokens; a token gets 0 to E experts. The output is padded to
+    K = the most experts any token got in this batch, with ``mask_TK`` marking the real slots
+    (padding: weight 0 and an expert that did not choose the token). A token no expert chose
+    keeps only its residual path (and the shared experts). The Switch auxiliary loss is
+    identically 1 here, with zero gradient: the balance is built in.
+
+    **Not causal**: whether expert e takes token t depends on how t's affinity ranks among
+    *all* tokens, later ones included, so a later token can push an earlier one out of an
+    expert (``tests/moe/test_router_zoo.py`` demonstrates the leak). It warns when built.
+    ``expert_choice_eval="token_choice"`` routes evaluation causally (top-k over the same S,
+    gates S, not renormalised): an honest next-token loss, at the price of a train/test
+    mismatch; the default ``"expert_choice"`` evaluates as it trains.
+    """
+
+    def __init__(self, d_model: int, cfg: MoEConfig):
+        super().__init__(d_model, cfg)
+        self.capacity_factor = float(cfg.expert_choice_capacity or cfg.top_k)
+        self.eval_mode = cfg.expert_choice_eval
+        _warn_causal_leak("expert_choice", "each expert picks its top-C tokens among all tokens of the batch",
+                          "evaluate with token choice (MoEConfig.expert_choice_eval='token_choice')")
+
+    def capacity(self, num_tokens: int) -> int:
+        """C = ceil(c * T / E), at least 1 and at most T."""
+        return min(num_tokens, max(1, math.ceil(self.capacity_factor * num_tokens / self.num_experts)))
+
+    def route(self, logits_TE: torch.Tensor) -> RouterOutput:
+        probs_TE = logits_TE.softmax(dim=-1)
+        T, E = probs_TE.shape
+        if not self.training and self.eval_mode == "token_choice":
+            expert_ids_TK = probs_TE.topk(self.top_k, dim=-1, sorted=False).indices
+            return RouterOutput(expert_ids_TK, probs_TE.gather(1, expert_ids_TK), probs_TE, logits_TE)
+
+        # shape: (E, C) the tokens each expert takes
+        token_ids_EC = probs_TE.t().topk(self.capacity(T), dim=1, sorted=False).indices
+        chosen_TE = torch.zeros(E, T, dtype=torch.bool, device=probs_TE.device).scatter_(1, token_ids_EC, True).t()
+        K = max(1, int(chosen_TE.sum(dim=1).max()))
+        # A stable descending sort puts each token's experts first (in expert order), padding after.
+        mask_TE, expert_ids_TE = chosen_TE.to(torch.uint8).sort(dim=1, descending=True, stable=True)
+        mask_TK, expert_ids_TK = mask_TE[:, :K].bool(), expert_ids_TE[:, :K]
+        weights_TK = probs_TE.gather(1, expert_ids_TK) * mask_TK
+        return RouterOutput(expert_ids_TK, weights_TK, probs_TE, logits_TE, mask_TK)
+
+
+class HashRouter(Router):
+    """Hash layers (Roller et al. 2021, "Hash Layers For Large Sparse Models", arXiv:2106.04426).
+
+        e_t = hash(token_id_t)                          a fixed random map, never learned
+
+    The map is a random lookup table, which the paper found to work well ("Random Hash"): row v
+    holds the K distinct experts of token id v (the first K of a random permutation of the
+    experts). It is drawn from torch's global generator at construction (so ``torch.manual_seed``
+    before building the model fixes it, and each layer gets its own) and kept as the buffer
+    ``expert_table`` (``hash_vocab_size`` x K), so checkpoints keep it. Token ids must be below
+    ``MoEConfig.hash_vocab_size`` (256, the byte tokenizer's vocabulary, by default).
+
+    Gates: the paper has none (top-1, weight 1). Here the gate is the softmax probability of the
+    hashed experts, renormalised over the k when ``normalize_topk``: exactly 1 for k = 1 (the
+    paper), and for k > 1 a learned mixture of the hashed experts, so the router still learns.
+    The layer must pass the token ids (``MoELayer.forward(x, token_ids_BS)``; ``MoELM`` does).
+    """
+
+    def __init__(self, d_model: int, cfg: MoEConfig):
+        super().__init__(d_model, cfg)
+        self.normalize_topk = cfg.normalize_topk
+        table = torch.rand(cfg.hash_vocab_size, cfg.num_experts).argsort(dim=1)[:, : cfg.top_k]
+        self.register_buffer("expert_table", table)
+
+    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> RouterOutput:
+        if token_ids_T is None:
+            raise ValueError("router='hash' routes by token id: pass token_ids_BS to MoELayer.forward "
+                             "(MoELM does), or token_ids_T to the router")
+        vocab = self.expert_table.shape[0]
+        if token_ids_T.numel() and (int(token_ids_T.max()) >= vocab or int(token_ids_T.min()) < 0):
+            raise ValueError(f"token id {int(token_ids_T.max())} is outside the hash table: "
+                             f"MoEConfig.hash_vocab_size={vocab} must be at least the vocabulary size")
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            logits_TE = self.gate_logits(x_TD.float())
+            probs_TE = logits_TE.softmax(dim=-1)
+            expert_ids_TK = self.expert_table[token_ids_T]
+            weights_TK = _probability_gates(probs_TE, expert_ids_TK, self.normalize_topk)
+            return RouterOutput(expert_ids_TK, weights_TK, probs_TE, logits_TE)
+
+
+@torch.no_grad()
+def sinkhorn_log(logits_TE: torch.Tensor, num_iters: int) -> torch.Tensor:
+    """Log of the Sinkhorn-balanced routing matrix (Sinkhorn and Knopp 1967, in log space).
+
+        log A <- log A - logsumexp_e(log A)                  every token carries mass 1
+        log A <- log A - logsumexp_t(log A) + log(T / E)     every expert receives mass T / E
+
+    ``num_iters`` rounds of both, ending with the expert step, so the expert loads of A are
+    exact and the token masses approximate. Working with logs avoids the overflow of exp(logits).
+    """
+    T, E = logits_TE.shape
+    log_a = logits_TE.float()
+    for _ in range(num_iters):
+        log_a = log_a - log_a.logsumexp(dim=1, keepdim=True)
+        log_a = log_a - log_a.logsumexp(dim=0, keepdim=True) + math.log(T / E)
+    return log_a
+
+
+class SinkhornRouter(Router):
+    """Sinkhorn-balanced routing, S-BASE (Clark et al. 2022, "Unified Scaling Laws for Routed
+    Language Models", arXiv:2202.01169), after BASE layers (Lewis et al. 2021, "BASE Layers:
+    Simplifying Training of Large, Sparse Models", arXiv:2103.16716), which solve the balanced
+    token-to-expert assignment exactly as a linear assignment problem.
+
+        A      = Sinkhorn(exp(logits))        tokens carry mass 1, experts receive T / E each
+        keep_t = top-k_e A[t, e]              training: selection from the balanced matrix
+        keep_t = top-k_e logits[t, e]         evaluation: plain top-k, causal
+        g      = softmax(logits)[t, keep_t]   gates from the *unbalanced* softmax (renormalised
+                                              over the k when ``normalize_topk``)
+
+    Selection only: the Sinkhorn matrix is computed without gradient. Since top-k is invariant to
+    a per-token shift, the selection equals top-k of ``logits + v`` with one balancing offset
+    ``v_e`` per expert, computed for this batch (compare the loss-free bias, which is learned
+    over steps). ``sinkhorn_iters`` fixed iterations (default 10), in log space for stability.
+    In training the offsets depend on every token of the batch, later ones included: a weak,
+    selection-only dependence on the future, absent at evaluation.
+    """
+
+    def __init__(self, d_model: int, cfg: MoEConfig):
+        super().__init__(d_model, cfg)
+        self.normalize_topk = cfg.normalize_topk
+        self.num_iters = cfg.sinkhorn_iters
+
+    def route(self, logits_TE: torch.Tensor) -> RouterOutput:
+        probs_TE = logits_TE.softmax(dim=-1)
+        balanced_TE = sinkhorn_log(logits_TE.detach(), self.num_iters) if self.training else logits_TE.detach()
+        expert_ids_TK = balanced_TE.topk(self.top_k, dim=-1, sorted=False).indices
+        weights_TK = _probability_gates(probs_TE, expert_ids_TK, self.normalize_topk)
+        return RouterOutput(expert_ids_TK, weights_TK, probs_TE, logits_TE)
+
+
+class SoftMoERouter(Router):
+    """Soft MoE (Puigcerver et al. 2023, "From Sparse to Soft Mixtures of Experts", arXiv:2308.00951):
+    every expert has ``soft_slots_per_expert`` slots; a slot is a weighted average
+    of all the tokens of a sequence, and a token's output a weighted average of all slot outputs.
+
+        logits = X Phi                      (S, L) per sequence, L = E * slots, Phi = ``weight``^T
+        D      = softmax over tokens (each column)   dispatch weights: slot l = sum_s D[s, l] x_s
+        C      = softmax over slots (each row)       combine weights: y_s = sum_l C[s, l] out_l
+        out_l  = expert_{l // slots}(slot l)
+
+    The router computes the slot logits; ``workbench.moe.dispatch.soft_dispatch`` does the mixing
+    per sequence (``mixes_tokens = True`` makes ``MoELayer`` use it; ``MoEConfig.dispatch`` does
+    not apply). Every expert processes exactly ``slots`` rows per sequence: balanced by
+    construction, nothing dropped. Expert compute per token is E * slots / S expert passes
+    (``soft_slots_per_expert``, default 1; the paper studies the trade-off).
+
+    The common fields summarise the mixing for the metrics and analyses:
+
+    - ``logits_TE``: logsumexp of each expert's slot logits, so ``softmax(logits_TE)`` is the
+      token's total combine weight on each expert's slots, and the z-loss over ``logits_TE``
+      equals the z-loss over all slot logits;
+    - ``scores_TE``: that combine mass per expert (a distribution over experts for each token);
+    - ``expert_ids_TK`` / ``weights_TK``: the top_k experts by combine mass, largest first, and
+      their mass. So ``tokens_per_expert`` counts attribution (where a token's output mostly
+      comes from), not compute load, and ``gate_mass`` is the mass of those top_k.
+
+    **Not causal**: a slot averages all tokens of a sequence, later ones included, so every
+    output depends on the future. It warns when built; it is meant for encoders and teaching.
+    """
+
+    mixes_tokens = True
+
+    def __init__(self, d_model: int, cfg: MoEConfig):
+        super().__init__(d_model, cfg)
+        self.slots_per_expert = cfg.soft_slots_per_expert
+        _warn_causal_leak("soft_moe", "every slot is a weighted average of all tokens of the sequence",
+                          "use a token-choice router for language modelling")
+
+    @staticmethod
+    def gate_rows(cfg: MoEConfig) -> int:
+        return cfg.num_experts * cfg.soft_slots_per_expert
+
+    def route(self, slot_logits_TL: torch.Tensor) -> RouterOutput:
+        T = slot_logits_TL.shape[0]
+        logits_TE = slot_logits_TL.view(T, self.num_experts, self.slots_per_expert).logsumexp(dim=-1)
+        scores_TE = logits_TE.softmax(dim=-1)
+        weights_TK, expert_ids_TK = scores_TE.topk(self.top_k, dim=-1, sorted=True)
+        return SoftRouterOutput(expert_ids_TK, weights_TK, scores_TE, logits_TE, None, slot_logits_TL)
+
+
+class CosineRouter(SoftmaxTopKRouter):
+    """Cosine routing (X-MoE: Chi et al. 2022, "On the Representation Collapse of Sparse Mixture
+    of Experts", arXiv:2204.09179; Tutel's ``CosineTopKGate``, Hwang et al. 2023, arXiv:2206.03382).
+
+        s_e = cos(W x, w_e) / tau          W: D -> P (P = ``cosine_dim``, low), w_e in R^P
+        g   = softmax(s) at the top-k       (renormalised when ``normalize_topk``)
+
+    Routing on a low-dimensional hypersphere keeps the router from pulling token
+    representations toward the expert embeddings (X-MoE's "representation collapse").
+    ``weight`` is the projection W (P x D), ``expert_embed`` the w_e (E x P). The temperature is
+    learned as ``log(1 / tau)``, initialised at tau = 0.5 and clamped to 1 / tau <= 100, as
+    Tutel does, so the logits stay in [-100, 100]. Supports the loss-free balancing bias.
+    """
+
+    init_temperature = 0.5
+    max_log_inv_temperature = math.log(100.0)
+
+    def __init__(self, d_model: int, cfg: MoEConfig):
+        super().__init__(d_model, cfg)
+        # unit-norm rows on average; only their direction matters
+        self.expert_embed = nn.Parameter(torch.randn(cfg.num_experts, cfg.cosine_dim) * cfg.cosine_dim**-0.5)
+        self.log_inv_temperature = nn.Parameter(torch.tensor(math.log(1 / self.init_temperature)))
+
+    @staticmethod
+    def gate_rows(cfg: MoEConfig) -> int:
+        return cfg.cosine_dim
+
+    def gate_logits(self, x32_TD: torch.Tensor) -> torch.Tensor:
+        tokens_TP = F.normalize(F.linear(x32_TD, self.weight.float()), dim=-1)
+        experts_EP = F.normalize(self.expert_embed.float(), dim=-1)
+        inv_tau = self.log_inv_temperature.float().clamp(max=self.max_log_inv_temperature).exp()
+        return inv_tau * (tokens_TP @ experts_EP.t())
+
+
+class UniformRouter(Router):
+    """Forced round-robin assignment, for throughput benchmarks: the forced balance that
+    MegaBlocks (``uniform_expert_assignment``), torchtitan and OLMo-core offer for the same purpose.
+
+        e_{t,k} = (t * K + k) mod E          pair n = t K + k goes to expert n mod E
+
+    The K experts of a token are distinct (K <= E consecutive residues), and every expert gets
+    exactly T K / E pairs when E divides T K (else the counts differ by at most one). The linear
+    gate still runs, so FLOPs match a learned router: the gates are the softmax probabilities of
+    the forced experts, renormalised over the k when ``normalize_topk``, and get gradients.
+    """
+
+    def __init__(self, d_model: int, cfg: MoEConfig):
+        super().__init__(d_model, cfg)
+        self.normalize_topk = cfg.normalize_topk
+
+    def route(self, logits_TE: torch.Tensor) -> RouterOutput:
+        T, E = logits_TE.shape
+        probs_TE = logits_TE.softmax(dim=-1)
+        pairs_TK = torch.arange(T * self.top_k, device=logits_TE.device).view(T, self.top_k)
+        expert_ids_TK = pairs_TK.remainder(E)
+        weights_TK = _probability_gates(probs_TE, expert_ids_TK, self.normalize_topk)
+        return RouterOutput(expert_ids_TK, weights_TK, probs_TE, logits_TE)
+
+
+class RandomRouter(Router):
+    """A baseline: K distinct experts drawn uniformly at random for every token, at every forward
+    (training and evaluation), from torch's global generator.
+
+    As for ``uniform``, the linear gate runs and the gates are the softmax probabilities of the
+    drawn experts, renormalised over the k when ``normalize_topk``; with k = 1 that is 1.
+    """
+
+    def __init__(self, d_model: int, cfg: MoEConfig):
+        super().__init__(d_model, cfg)
+        self.normalize_topk = cfg.normalize_topk
+
+    def route(self, logits_TE: torch.Tensor) -> RouterOutput:
+        probs_TE = logits_TE.softmax(dim=-1)
+        # the top-k of i.i.d. uniform keys is a uniformly random k-subset
+        expert_ids_TK = torch.rand_like(probs_TE).topk(self.top_k, dim=-1, sorted=False).indices
+        weights_TK = _probability_gates(probs_TE, expert_ids_TK, self.normalize_topk)
+        return RouterOutput(expert_ids_TK, weights_TK, probs_TE, logits_TE)
+
+
 ROUTERS: dict[str, type[Router]] = {
     "softmax_topk": SoftmaxTopKRouter,
     "switch": SwitchRouter,
     "noisy_topk": NoisyTopKRouter,
     "sigmoid": SigmoidRouter,
+    "expert_choice": ExpertChoiceRouter,
+    "hash": HashRouter,
+    "sinkhorn": SinkhornRouter,
+    "soft_moe": SoftMoERouter,
+    "cosine": CosineRouter,
+    "uniform": UniformRouter,
+    "random": RandomRouter,
 }
 
 

@@ -232,8 +232,11 @@ class Trainer:
                 domain_T = batch.domains.flatten()
                 for li, info in enumerate(out.routing):
                     ids_TK = info.router.expert_ids_TK.cpu()
-                    pair_domain = domain_T.repeat_interleave(ids_TK.shape[1])
-                    counts[li].index_put_((pair_domain, ids_TK.flatten()), torch.ones(1, dtype=torch.long),
+                    domain_TK = domain_T.unsqueeze(1).expand_as(ids_TK)
+                    if info.router.mask_TK is not None:  # expert choice pads its slots
+                        mask = info.router.mask_TK.cpu()
+                        ids_TK, domain_TK = ids_TK[mask], domain_TK[mask]
+                    counts[li].index_put_((domain_TK.flatten(), ids_TK.flatten()), torch.ones(1, dtype=torch.long),
                                           accumulate=True)
             losses[domain] = loss_sum / max(n, 1)
             total_loss, total_tokens = total_loss + loss_sum, total_tokens + n
