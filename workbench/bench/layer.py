@@ -1,11 +1,14 @@
 """Layer benchmark: an MoE layer's forward + backward against a dense FFN of equal active FLOPs.
 
-All variants are timed in one process, round-robin (variant A, B, C, A, B, C, ...), so a
-noisy neighbour slows them alike; the report gives medians and the ratios between them.
+All variants are timed in one process, round-robin (variant A, B, C, A, B, C, ...). A ratio
+is the median over rounds of the two variants' time ratio *within* a round, so a slow spell
+of a shared machine (which lasts seconds) slows both sides of each ratio alike; the report
+also gives each variant's median time.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -24,7 +27,7 @@ class LayerBenchConfig:
     top_k: int = 2
     dispatches: tuple[str, ...] = ("sorted", "capacity", "loop")
     capacity_factor: float = 1.25
-    repeats: int = 20
+    repeats: int = 30
     warmup: int = 3
     dtype: str = "float32"
     device: str = "cpu"
@@ -38,7 +41,7 @@ class LayerBenchResult:
     flops_per_step: float  # forward + backward matmul FLOPs of the active expert FFN
     median_ms: dict[str, float] = field(default_factory=dict)
     gflops: dict[str, float] = field(default_factory=dict)
-    ratios: dict[str, float] = field(default_factory=dict)  # throughput ratios, > 1 = faster
+    ratios: dict[str, float] = field(default_factory=dict)  # paired throughput ratios, > 1 = faster
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,10 +98,13 @@ def run_layer_bench(cfg: LayerBenchConfig, progress: bool = False) -> LayerBench
         med = sorted(ts)[len(ts) // 2]
         result.median_ms[name] = med * 1e3
         result.gflops[name] = flops / med / 1e9
+    def paired(baseline: str, name: str) -> float:
+        return statistics.median(b / t for b, t in zip(times[baseline], times[name], strict=True))
+
     for name in cfg.dispatches:
-        result.ratios[f"{name}_vs_dense"] = result.median_ms["dense"] / result.median_ms[name]
+        result.ratios[f"{name}_vs_dense"] = paired("dense", name)
         if "loop" in cfg.dispatches and name != "loop":
-            result.ratios[f"{name}_vs_loop"] = result.median_ms["loop"] / result.median_ms[name]
+            result.ratios[f"{name}_vs_loop"] = paired("loop", name)
     return result
 
 
@@ -113,5 +119,6 @@ def format_layer_bench(r: LayerBenchResult) -> str:
     ]
     for name, ms in r.median_ms.items():
         lines.append(f"{name:<10} {ms:>10.2f} {r.gflops[name]:>9.1f}")
-    lines.append("throughput ratios: " + ", ".join(f"{k} {v:.3f}x" for k, v in r.ratios.items()))
+    lines.append("throughput ratios (median of per-round ratios): "
+                 + ", ".join(f"{k} {v:.3f}x" for k, v in r.ratios.items()))
     return "\n".join(lines)

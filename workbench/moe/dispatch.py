@@ -88,6 +88,56 @@ def loop_dispatch(x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLUExpe
 # --- sorted: dropless, one grouped GEMM ----------------------------------------------------
 
 
+class _GatherPairs(torch.autograd.Function):
+    """``x[sorted_to_pair[:n] // K]``: each valid pair's token row, in sorted order.
+
+    Autograd's own backward of that gather scatters into zeros; a permutation has an inverse,
+    so this one gathers instead: each pair's gradient by ``pair_to_sorted`` (padding pairs
+    read a zero row), then the K copies of a token are summed.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, sorted_to_pair_N, pair_to_sorted_N, num_valid, K):
+        ctx.save_for_backward(pair_to_sorted_N)
+        ctx.K, ctx.pad = K, pair_to_sorted_N.numel() - num_valid
+        return x_TD.index_select(0, sorted_to_pair_N[:num_valid] // K)
+
+    @staticmethod
+    def backward(ctx, grad_sorted_ND):
+        (pair_to_sorted_N,) = ctx.saved_tensors
+        if ctx.pad:
+            grad_sorted_ND = torch.cat([grad_sorted_ND, grad_sorted_ND.new_zeros(ctx.pad, grad_sorted_ND.shape[1])])
+        N, D = grad_sorted_ND.shape
+        grad_TD = grad_sorted_ND.index_select(0, pair_to_sorted_N).view(N // ctx.K, ctx.K, D).sum(dim=1)
+        return grad_TD, None, None, None, None
+
+
+class _UnpermuteCombine(torch.autograd.Function):
+    """``y_t = sum_k w_tk * out[pair_to_sorted[t, k]]``: un-permute and combine in one step.
+
+    The backward writes the output gradient straight into sorted order (the upstream row of
+    each sorted pair's token, times its weight), instead of scattering into zeros.
+    """
+
+    @staticmethod
+    def forward(ctx, out_sorted_ND, weights_TK, sorted_to_pair_N, pair_to_sorted_N):
+        ctx.save_for_backward(out_sorted_ND, weights_TK, sorted_to_pair_N)
+        return combine(out_sorted_ND.index_select(0, pair_to_sorted_N), weights_TK)
+
+    @staticmethod
+    def backward(ctx, grad_TD):
+        out_sorted_ND, weights_TK, sorted_to_pair_N = ctx.saved_tensors
+        K = weights_TK.shape[1]
+        grad_sorted_ND = grad_TD.index_select(0, sorted_to_pair_N // K)  # each sorted pair's upstream row
+        grad_weights = None
+        if ctx.needs_input_grad[1]:
+            grad_w_sorted = (grad_sorted_ND * out_sorted_ND).sum(dim=1)
+            grad_weights = (torch.empty_like(grad_w_sorted).index_copy_(0, sorted_to_pair_N, grad_w_sorted)
+                            .view_as(weights_TK).to(weights_TK.dtype))
+        w_sorted = weights_TK.flatten().index_select(0, sorted_to_pair_N).to(grad_sorted_ND.dtype)
+        return grad_sorted_ND.mul_(w_sorted.unsqueeze(1)), grad_weights, None, None
+
+
 def sorted_dispatch(x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLUExperts) -> tuple[
         torch.Tensor, DispatchStats]:
     T, K = routing.expert_ids_TK.shape
@@ -98,12 +148,14 @@ def sorted_dispatch(x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLUEx
         expert_of_pair_N = expert_of_pair_N.masked_fill(~routing.mask_TK.flatten(), E)
     # permute: a stable sort groups the pairs by expert, tokens in order within a group
     sorted_to_pair_N = expert_of_pair_N.argsort(stable=True)
+    pair_to_sorted_N = torch.empty_like(sorted_to_pair_N)
+    pair_to_sorted_N[sorted_to_pair_N] = torch.arange(T * K, device=x_TD.device)
     tokens_per_expert = torch.bincount(expert_of_pair_N, minlength=E)
     if routing.mask_TK is not None:
         tokens_per_expert = tokens_per_expert[:E]
     counts = tokens_per_expert.tolist()
     num_valid = sum(counts)
-    x_sorted_ND = x_TD.index_select(0, sorted_to_pair_N[:num_valid] // K)
+    x_sorted_ND = _GatherPairs.apply(x_TD, sorted_to_pair_N, pair_to_sorted_N, num_valid, K)
 
     # expert compute: one grouped GEMM per weight matrix over the jagged groups
     out_sorted_ND = experts.forward_grouped(x_sorted_ND, counts)
@@ -111,9 +163,7 @@ def sorted_dispatch(x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLUEx
         out_sorted_ND = torch.cat([out_sorted_ND, out_sorted_ND.new_zeros(T * K - num_valid, x_TD.shape[1])])
 
     # un-permute (the inverse permutation) and combine
-    pair_to_sorted_N = torch.empty_like(sorted_to_pair_N)
-    pair_to_sorted_N[sorted_to_pair_N] = torch.arange(T * K, device=x_TD.device)
-    y_TD = combine(out_sorted_ND.index_select(0, pair_to_sorted_N), routing.weights_TK)
+    y_TD = _UnpermuteCombine.apply(out_sorted_ND, routing.weights_TK, sorted_to_pair_N, pair_to_sorted_N)
     return y_TD, DispatchStats.dropless(tokens_per_expert)
 
 
