@@ -122,6 +122,9 @@ def test_metrics_history_jsonl_and_per_domain_validation(tmp_path, domain_folder
                 "L0/max_vio", "L1/load_fraction", "L0/dropped_fraction", "L1/aux_loss"):
         assert key in rows[-1], key
     assert rows[-1]["loss"] == pytest.approx(rows[-1]["lm_loss"] + rows[-1]["aux_loss"])
+    # weighted = weight x raw (the micro model keeps the default Switch weight 0.01, no z-loss)
+    assert rows[-1]["weighted/aux_loss"] == pytest.approx(0.01 * rows[-1]["raw/aux_loss"])
+    assert rows[-1]["weighted/z_loss"] == 0.0 and rows[-1]["raw/z_loss"] > 0
     assert "val/words" in rows[2] and "val/numbers" in rows[2] and "val/words" not in rows[3]
     ev = trainer.last_eval
     assert set(ev.domains) == {"numbers", "words"}

@@ -130,6 +130,8 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
     metadata = {
         "format": FORMAT,
         "step": str(step),
+        # batches are a pure function of (seed, batch index): this many have been consumed
+        "data_position": str(step * train_config.get("grad_accum", 1)),
         "model_config": json.dumps(model_config),
         "train_config": json.dumps(train_config),
         "optimizer": json.dumps(optim_meta),
