@@ -208,3 +208,107 @@ def layer_picker(plot: Callable[[int], Any], layers: Sequence[int], description:
     except ImportError as err:  # pragma: no cover
         raise ImportError("widgets need ipywidgets: pip install 'moe-workbench[notebooks]'") from err
     return widgets.interact(plot, layer=widgets.Dropdown(options=list(layers), description=description))
+
+
+# --- routers side by side (notebooks/01_routers.ipynb) -----------------------------------
+
+
+def plot_gate_histogram(gates: torch.Tensor | Sequence[float] | dict[str, torch.Tensor | Sequence[float]], ax=None,
+                        bins: int = 40, title: str = "gate weights"):
+    """Histogram of the combine weights of real assignments, one outline per entry of a dict
+    (e.g. ``{"init": ..., "trained": ...}``), as a density so batches of any size compare."""
+    fig, ax = _axes(ax)
+    series = gates if isinstance(gates, dict) else {"": gates}
+    values = {label: torch.as_tensor(g, dtype=torch.float64).flatten() for label, g in series.items()}
+    top = max([1.0] + [float(v.max()) for v in values.values() if v.numel()])
+    for label, v in values.items():
+        if v.numel():
+            ax.hist(v.numpy(), bins=bins, range=(0.0, top), density=True, histtype="step", lw=1.4,
+                    label=label or None)
+    ax.set_xlabel("gate weight")
+    ax.set_ylabel("density")
+    ax.set_title(title)
+    if any(values) and len(values) > 1:
+        ax.legend(fontsize=7)
+    return fig
+
+
+def plot_router_panel(token_strings: Sequence[str], expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                      num_experts: int, tokens_per_expert: Sequence[float], gate_mass: Sequence[float],
+                      gates: torch.Tensor | Sequence[float], capacity: int | None = None,
+                      dropped_fraction: float | None = None, max_vio: float | None = None, title: str = "",
+                      axes=None):
+    """One router on one batch, three panels: the token x expert combine weights of a slice of
+    tokens, the load and gate mass per expert (dotted red: the capacity, above it assignments
+    are dropped), and the histogram of gate weights. ``axes``: three matplotlib axes, or None."""
+    if axes is None:
+        plt = _plt()
+        fig, axes = plt.subplots(1, 3, figsize=(15, 2.9), gridspec_kw={"width_ratios": [3, 1.3, 1.2]},
+                                 constrained_layout=True)
+    left, middle, right = axes
+    plot_token_routing(token_strings, expert_ids_TK, weights_TK, num_experts, ax=left,
+                       title=f"{title}: combine weight per token".lstrip(": "))
+    facts = []
+    if max_vio is not None:
+        facts.append(f"MaxVio {max_vio:.2f}")
+    if dropped_fraction is not None:
+        facts.append(f"dropped {dropped_fraction:.1%}")
+    plot_expert_load(tokens_per_expert, ax=middle, gate_mass=gate_mass, title=", ".join(facts) or "load per expert")
+    from matplotlib.ticker import MaxNLocator
+
+    middle.xaxis.set_major_locator(MaxNLocator(integer=True))
+    total = float(sum(tokens_per_expert))
+    if capacity is not None and total > 0:
+        middle.axhline(capacity / total, color="tab:red", ls=":", lw=1.2)
+    plot_gate_histogram(gates, ax=right, title="gate weights")
+    return left.figure
+
+
+def plot_router_rows(rows: dict[str, dict[str, Any]], title: str = ""):
+    """``plot_router_panel`` once per entry of ``rows`` (label -> its keyword arguments), one row
+    each, e.g. the same router at initialisation and after training."""
+    plt = _plt()
+    fig, axes = plt.subplots(len(rows), 3, figsize=(15, 2.8 * len(rows)), squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 1.3, 1.2]}, constrained_layout=True)
+    for row_axes, (label, kwargs) in zip(axes, rows.items(), strict=True):
+        plot_router_panel(**kwargs, title=label, axes=row_axes)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def plot_metric_bars(names: Sequence[str], series: dict[str, Sequence[float]], ax=None, ylabel: str = "",
+                     title: str = "", ylim: tuple[float, float] | None = None, legend: bool = True):
+    """Grouped bars: one group per name, one bar per series (e.g. ``{"init": ..., "trained": ...}``).
+    ``ylim`` zooms the value axis (say so in the label: the bars then do not start at zero)."""
+    fig, ax = _axes(ax, figsize=(max(6, 0.6 * len(names)), 3))
+    n = max(1, len(series))
+    width = 0.8 / n
+    xs = torch.arange(len(names)).double()
+    for i, (label, values) in enumerate(series.items()):
+        ax.bar((xs - 0.4 + width * (i + 0.5)).numpy(), [float(v) for v in values], width, label=label)
+    ax.set_xticks(range(len(names)), list(names), rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    if legend and len(series) > 1:
+        ax.legend(fontsize=7)
+    return fig
+
+
+def router_picker(show: Callable[..., Any], routers: Sequence[str], num_experts: Sequence[int],
+                  top_k: Sequence[int], value: tuple[str, int, int] | None = None):
+    """ipywidgets dropdowns that re-run ``show(router, num_experts, top_k)``; call ``show`` once
+    directly as well so a headless run exercises the same code."""
+    try:
+        import ipywidgets as widgets
+    except ImportError as err:  # pragma: no cover
+        raise ImportError("widgets need ipywidgets: pip install 'moe-workbench[notebooks]'") from err
+    router0, experts0, k0 = value if value is not None else (routers[0], num_experts[0], top_k[0])
+    return widgets.interact(
+        show,
+        router=widgets.Dropdown(options=list(routers), value=router0, description="router"),
+        num_experts=widgets.Dropdown(options=list(num_experts), value=experts0, description="experts"),
+        top_k=widgets.Dropdown(options=list(top_k), value=k0, description="top-k"),
+    )
