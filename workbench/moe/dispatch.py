@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from workbench.moe.experts import SwiGLUExperts
 from workbench.moe.routers import RouterOutput, SoftRouterOutput
@@ -107,8 +108,8 @@ class _GatherPairs(torch.autograd.Function):
         (pair_to_sorted_N,) = ctx.saved_tensors
         if ctx.pad:
             grad_sorted_ND = torch.cat([grad_sorted_ND, grad_sorted_ND.new_zeros(ctx.pad, grad_sorted_ND.shape[1])])
-        N, D = grad_sorted_ND.shape
-        grad_TD = grad_sorted_ND.index_select(0, pair_to_sorted_N).view(N // ctx.K, ctx.K, D).sum(dim=1)
+        # embedding_bag gathers each token's K rows and sums them in one fused pass
+        grad_TD = F.embedding_bag(pair_to_sorted_N.view(-1, ctx.K), grad_sorted_ND, mode="sum")
         return grad_TD, None, None, None, None
 
 
@@ -122,7 +123,9 @@ class _UnpermuteCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out_sorted_ND, weights_TK, sorted_to_pair_N, pair_to_sorted_N):
         ctx.save_for_backward(out_sorted_ND, weights_TK, sorted_to_pair_N)
-        return combine(out_sorted_ND.index_select(0, pair_to_sorted_N), weights_TK)
+        # embedding_bag is exactly this weighted gather-and-sum, fused: bag t holds token t's K pairs
+        return F.embedding_bag(pair_to_sorted_N.view_as(weights_TK), out_sorted_ND,
+                               per_sample_weights=weights_TK.to(out_sorted_ND.dtype), mode="sum")
 
     @staticmethod
     def backward(ctx, grad_TD):
