@@ -60,11 +60,10 @@ def assignments_per_expert(routing: RouterOutput, num_experts: int) -> torch.Ten
     return torch.bincount(valid_ids, minlength=num_experts)
 
 
-def combine(pair_out_ND: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-    """y_t = sum_k w_tk * out_(t,k); the pair outputs are in (t, k) order."""
-    T, K = weights_TK.shape
-    pair_out_TKD = pair_out_ND.view(T, K, -1)
-    return torch.einsum("tk,tkd->td", weights_TK.to(pair_out_ND.dtype), pair_out_TKD)
+def combine(rows_RD: torch.Tensor, row_of_pair_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    """y_t = sum_k w_tk * rows[row_of_pair[t, k]]: gather each token's K expert outputs and
+    weight them, fused in one pass by ``embedding_bag`` (bag t holds token t's K rows)."""
+    return F.embedding_bag(row_of_pair_TK, rows_RD, per_sample_weights=weights_TK.to(rows_RD.dtype), mode="sum")
 
 
 # --- loop: the reference ------------------------------------------------------------------
@@ -123,9 +122,7 @@ class _UnpermuteCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out_sorted_ND, weights_TK, sorted_to_pair_N, pair_to_sorted_N):
         ctx.save_for_backward(out_sorted_ND, weights_TK, sorted_to_pair_N)
-        # embedding_bag is exactly this weighted gather-and-sum, fused: bag t holds token t's K pairs
-        return F.embedding_bag(pair_to_sorted_N.view_as(weights_TK), out_sorted_ND,
-                               per_sample_weights=weights_TK.to(out_sorted_ND.dtype), mode="sum")
+        return combine(out_sorted_ND, pair_to_sorted_N.view_as(weights_TK), weights_TK)
 
     @staticmethod
     def backward(ctx, grad_TD):
@@ -233,7 +230,7 @@ def capacity_dispatch(x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLU
 
     # un-permute: a dropped pair reads some slot but gets weight 0, so it adds nothing
     weights_TK = routing.weights_TK * kept_N.view(T, K)
-    y_TD = combine(out_ECD.view(E * C, D).index_select(0, slot_N), weights_TK)
+    y_TD = combine(out_ECD.view(E * C, D), slot_N.view(T, K), weights_TK)
 
     kept_per_expert = tokens_per_expert.clamp(max=C)
     if mask_N is None:
