@@ -11,6 +11,7 @@ import pytest
 
 def workbench(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "workbench.cli", *args], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL,
                           timeout=300)
 
 

@@ -23,7 +23,8 @@ def train_cmd(*args: str) -> list[str]:
 
 
 def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(train_cmd(*args), capture_output=True, text=True, timeout=timeout, env=ENV)
+    return subprocess.run(train_cmd(*args), capture_output=True, text=True, timeout=timeout, env=ENV,
+                          stdin=subprocess.DEVNULL)
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -50,6 +51,7 @@ def test_resume_without_checkpoint_exits_2(tmp_path):
 
 def test_help_lists_every_config_field_with_defaults():
     r = subprocess.run([sys.executable, "-m", "workbench.cli", "train", "--help"], capture_output=True, text=True,
+                       stdin=subprocess.DEVNULL,
                        env=ENV)
     assert r.returncode == 0
     for flag in ("--num-experts", "--router", "--capacity-factor", "--bias-update-rate", "--lr", "--grad-accum",
@@ -65,7 +67,7 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, domai
     assert full.returncode == 0, full.stderr
 
     killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(*common, "--run-dir", str(killed_dir)), env=ENV,
+    proc = subprocess.Popen(train_cmd(*common, "--run-dir", str(killed_dir)), env=ENV, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and not any(step >= 30 for step, _ in list_checkpoints(killed_dir)):
