@@ -145,6 +145,12 @@ class MoEConfig:
         return float(self.top_k)
 
     @property
+    def loss_weights(self) -> dict[str, float]:
+        """The weight of each raw balancing loss, keyed as ``RoutingInfo.losses`` is."""
+        return {"aux_loss": self.aux_loss_weight, "seq_aux_loss": self.seq_aux_loss_weight,
+                "z_loss": self.z_loss_weight}
+
+    @property
     def shared_hidden(self) -> int:
         """Hidden size of the (merged) shared expert; 0 when there is none."""
         if self.num_shared_experts == 0:

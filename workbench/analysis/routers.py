@@ -353,8 +353,9 @@ def train_router(router: str, data: LMData, tokens_BS: torch.Tensor, *, steps: i
         trainer.fit(callback=callback)
     model = trainer.model
     trained = route_batch(model, tokens_BS, seed=seed, notes=notes)
-    leak = {"train": future_leak(model, tokens_BS, train_mode=True, seed=seed),
-            "eval": future_leak(model, tokens_BS, train_mode=False, seed=seed),
+    dropless = _dropless_copy(model)  # built once: the router alone, for both modes
+    leak = {"train": future_leak(dropless, tokens_BS, train_mode=True, dropless=False, seed=seed),
+            "eval": future_leak(dropless, tokens_BS, train_mode=False, dropless=False, seed=seed),
             "eval_capacity": future_leak(model, tokens_BS, train_mode=False, dropless=False, seed=seed)}
     val_loss = trainer.last_eval.loss if trainer.last_eval is not None else float("nan")
     return RouterRun(router, init, trained, trainer.step, val_loss, trainer.throughput(), trainer.history, leak,

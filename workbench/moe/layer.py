@@ -91,18 +91,17 @@ class MoELayer(nn.Module):
         slot_mask_TK = routing.mask_TK
         cfg = self.cfg
         compute = {
-            "aux_loss": (cfg.aux_loss_weight, lambda: balance.switch_aux_loss(
-                routing.scores_TE, routing.expert_ids_TK, mask_T, slot_mask_TK)),
-            "seq_aux_loss": (cfg.seq_aux_loss_weight, lambda: balance.sequence_aux_loss(
+            "aux_loss": lambda: balance.switch_aux_loss(routing.scores_TE, routing.expert_ids_TK, mask_T, slot_mask_TK),
+            "seq_aux_loss": lambda: balance.sequence_aux_loss(
                 routing.scores_TE.view(B, S, -1), routing.expert_ids_TK.view(B, S, -1), padding_mask_BS,
-                None if slot_mask_TK is None else slot_mask_TK.view(B, S, -1))),
-            "z_loss": (cfg.z_loss_weight, lambda: balance.router_z_loss(routing.logits_TE, mask_T)),
+                None if slot_mask_TK is None else slot_mask_TK.view(B, S, -1)),
+            "z_loss": lambda: balance.router_z_loss(routing.logits_TE, mask_T),
         }
         losses, weighted = {}, routing.logits_TE.new_zeros(())
-        for name, (weight, loss_fn) in compute.items():
+        for name, weight in cfg.loss_weights.items():
             # Every raw loss is reported; only the weighted ones need a backward graph.
             with torch.set_grad_enabled(torch.is_grad_enabled() and weight > 0):
-                losses[name] = loss_fn()
+                losses[name] = compute[name]()
             if weight > 0:
                 weighted = weighted + weight * losses[name]
         return losses, weighted

@@ -193,12 +193,10 @@ class Trainer:
                                "aux_loss": out.aux_loss.item()}
         if not out.routing:
             return row
-        moe = self.model_cfg.moe
-        weights = {"aux_loss": moe.aux_loss_weight, "seq_aux_loss": moe.seq_aux_loss_weight,
-                   "z_loss": moe.z_loss_weight}
+        weights = self.model_cfg.moe.loss_weights
         for name in out.routing[0].losses:
             row[f"raw/{name}"] = sum(r.losses[name].item() for r in out.routing) / len(out.routing)
-            row[f"weighted/{name}"] = weights.get(name, 0.0) * row[f"raw/{name}"]
+            row[f"weighted/{name}"] = weights[name] * row[f"raw/{name}"]
         max_vios = []
         for layer_idx, info in zip(self.model_cfg.moe_layers, out.routing, strict=True):
             m = routing_metrics(info)
