@@ -8,6 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from workbench.config import ModelConfig, MoEConfig, preset, small, tiny
 from workbench.model import MoELM
+from workbench.moe import cpu_kernels
 
 VARIANTS = {
     "tiny": tiny(),
@@ -52,14 +53,15 @@ def test_flops_per_token_matches_a_flop_counter(name):
     """Run forward + backward under torch's FlopCounterMode with the loop dispatch (plain mm per
     expert, so every routed token is counted once per chosen expert; expert choice's C and soft
     MoE's slots divide evenly here). The counter sees the matmuls, soft MoE's mixing einsums
-    included; attention's score and value products are added by the formula checked below."""
+    included (the fused CPU expert kernel is one opaque op to it, so it is switched off);
+    attention's score and value products are added by the formula checked below."""
     cfg = VARIANTS.get(name) or ROUTER_VARIANTS[name]
     if cfg.moe is not None:
         cfg = cfg.replace(moe=MoEConfig(**{**cfg.moe.__dict__, "dispatch": "loop"}))
     model = MoELM(cfg)
     B, S = 2, cfg.seq_len
     tokens = torch.randint(0, cfg.vocab_size, (B, S))
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, cpu_kernels.fused_cpu_kernel(False):
         model(tokens, tokens).loss.backward()
     counted = counter.get_flop_counts()["Global"]
     matmul = sum(v for k, v in counted.items() if "scaled_dot_product" not in str(k))

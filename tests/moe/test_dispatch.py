@@ -11,11 +11,20 @@ import torch
 
 from tests.moe.helpers import random_masked_routing, random_routing
 from workbench.config import MoEConfig
-from workbench.moe import DISPATCHES, MoELayer, RouterOutput, SwiGLUExperts, SwiGLUMLP
+from workbench.moe import DISPATCHES, MoELayer, RouterOutput, SwiGLUExperts, SwiGLUMLP, cpu_kernels
 from workbench.moe.dispatch import capacity_dispatch, expert_capacity, loop_dispatch
 from workbench.moe.experts import _grouped_mm_ok, grouped_matmul
 
 OUT_TOL, GRAD_TOL = 1e-5, 1e-4
+
+
+@pytest.fixture(params=["fused_cpu", "grouped_mm"])
+def expert_kernel(request):
+    """Run a test once with the fused CPU expert kernel and once without it (F.grouped_mm / bmm)."""
+    if request.param == "fused_cpu" and not cpu_kernels.kernel_available():
+        pytest.skip("the fused CPU expert kernel cannot be built here (no C++ compiler?)")
+    with cpu_kernels.fused_cpu_kernel(request.param == "fused_cpu"):
+        yield request.param
 
 
 def make_experts(E: int, D: int, H: int) -> SwiGLUExperts:
@@ -35,7 +44,7 @@ def run(dispatch, x, routing, experts, **kw):
 # (D, H): multiples of 4 take F.grouped_mm; odd sizes take the loop fallback of grouped_matmul.
 @pytest.mark.parametrize("D,H", [(32, 64), (20, 30)])
 @pytest.mark.parametrize("E,K", [(8, 2), (4, 1), (6, 3), (1, 1)])
-def test_dispatches_agree_with_loop_reference(D, H, E, K):
+def test_dispatches_agree_with_loop_reference(D, H, E, K, expert_kernel):
     T = 96
     experts = make_experts(E, D, H)
     x = torch.randn(T, D)
@@ -73,7 +82,7 @@ def test_grouped_matmul_matches_per_group_products_with_empty_groups():
     assert gw[1].abs().max() == 0 and gw[3].abs().max() == 0
 
 
-def test_layer_dispatches_agree_end_to_end_with_shared_expert_and_router_gradients():
+def test_layer_dispatches_agree_end_to_end_with_shared_expert_and_router_gradients(expert_kernel):
     """Through MoELayer: router weights get the same gradient whichever dispatch runs."""
     results = {}
     for name in DISPATCHES:
@@ -192,7 +201,7 @@ def test_dispatch_under_bf16_autocast_keeps_routing_in_fp32():
 
 @pytest.mark.parametrize("D,H", [(32, 64), (20, 30)])
 @pytest.mark.parametrize("E,K", [(8, 3), (4, 4), (6, 1)])
-def test_dispatches_agree_with_loop_reference_under_a_slot_mask(D, H, E, K):
+def test_dispatches_agree_with_loop_reference_under_a_slot_mask(D, H, E, K, expert_kernel):
     T = 96
     experts = make_experts(E, D, H)
     x = torch.randn(T, D)
@@ -241,7 +250,7 @@ def test_capacity_under_a_slot_mask_counts_only_real_pairs():
 
 
 @pytest.mark.filterwarnings("ignore::workbench.moe.routers.CausalLeakWarning")
-def test_layer_dispatches_agree_end_to_end_with_expert_choice():
+def test_layer_dispatches_agree_end_to_end_with_expert_choice(expert_kernel):
     """Expert choice through MoELayer: every dispatch gives the same output and gradients
     (router, experts, shared expert, input), with padded slots in play."""
     results = {}

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from workbench.moe import cpu_kernels
 from workbench.moe.experts import SwiGLUExperts
 from workbench.moe.routers import RouterOutput, SoftRouterOutput
 
@@ -155,6 +156,11 @@ def sorted_dispatch(x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLUEx
         tokens_per_expert = tokens_per_expert[:E]
     counts = tokens_per_expert.tolist()
     num_valid = sum(counts)
+    if routing.mask_TK is None and cpu_kernels.fused_kernel_applies(x_TD, experts.w1):
+        # CPU: the three steps below in one fused op (the permutation never materialises)
+        y_TD = cpu_kernels.fused_routed_experts(x_TD, routing.weights_TK, experts.w1, experts.w3, experts.w2,
+                                                sorted_to_pair_N, pair_to_sorted_N, counts)
+        return y_TD, DispatchStats.dropless(tokens_per_expert)
     x_sorted_ND = _GatherPairs.apply(x_TD, sorted_to_pair_N, pair_to_sorted_N, num_valid, K)
 
     # expert compute: one grouped GEMM per weight matrix over the jagged groups

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workbench.moe import cpu_kernels
+
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
 
@@ -124,13 +126,23 @@ class SwiGLUExperts(nn.Module):
         return (F.silu(x_ND @ self.w1[e]) * (x_ND @ self.w3[e])) @ self.w2[e]
 
     def forward_grouped(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Rows sorted by expert, ``counts[e]`` of them for expert e: one grouped GEMM per weight."""
+        """Rows sorted by expert, ``counts[e]`` of them for expert e.
+
+        On CPU the fused kernel of ``cpu_kernels`` runs each expert's whole FFN on one thread;
+        elsewhere (or without a compiler) one grouped GEMM per weight matrix.
+        """
+        if cpu_kernels.fused_kernel_applies(x_ND, self.w1):
+            return cpu_kernels.fused_swiglu_experts(x_ND, self.w1, self.w3, self.w2, counts)
         gate_NH = grouped_matmul(x_ND, self.w1, counts)
         up_NH = grouped_matmul(x_ND, self.w3, counts)
         return grouped_matmul(F.silu(gate_NH) * up_NH, self.w2, counts)
 
     def forward_batched(self, x_ECD: torch.Tensor) -> torch.Tensor:
         """A fixed-capacity buffer, C rows per expert: batched matmuls (GShard's layout)."""
+        E, C, D = x_ECD.shape
+        if cpu_kernels.fused_kernel_applies(x_ECD, self.w1):
+            return cpu_kernels.fused_swiglu_experts(x_ECD.reshape(E * C, D), self.w1, self.w3, self.w2,
+                                                    [C] * E).view(E, C, D)
         return torch.bmm(F.silu(torch.bmm(x_ECD, self.w1)) * torch.bmm(x_ECD, self.w3), self.w2)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,157 @@
+"""The fused CPU expert kernel computes the readable reference's function, whatever the threads.
+
+The kernel cuts the rows into one range per thread, so an expert can be split between threads
+(its weight gradient is then a sum of partial sums); the tests choose row counts and thread
+numbers that produce every case: empty experts, an expert spanning all threads, one thread.
+Tolerances as for the dispatches: outputs 1e-5, gradients 1e-4 (max abs error, fp32).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.moe.helpers import random_routing
+from workbench.moe import SwiGLUExperts, cpu_kernels
+from workbench.moe.dispatch import loop_dispatch, sorted_dispatch
+
+OUT_TOL, GRAD_TOL = 1e-5, 1e-4
+
+needs_kernel = pytest.mark.skipif(not cpu_kernels.kernel_available(),
+                                  reason="the fused CPU expert kernel cannot be built here (no C++ compiler?)")
+
+
+@pytest.fixture
+def threads(request):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
+def make_experts(E: int, D: int, H: int) -> SwiGLUExperts:
+    experts = SwiGLUExperts(E, D, H)
+    experts.reset_parameters(std=D**-0.5, out_std=H**-0.5)  # O(1) outputs: errors are not trivially small
+    return experts
+
+
+def reference_grouped(experts: SwiGLUExperts, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    return torch.cat([experts.forward_one(e, x_e) for e, x_e in enumerate(x_ND.split(counts))])
+
+
+def outputs_and_grads(fn, x, experts):
+    x = x.clone().requires_grad_()
+    y = fn(x)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(5))
+    return y, torch.autograd.grad(y, [x, experts.w1, experts.w3, experts.w2], grad_y)
+
+
+COUNTS = {
+    "balanced": [23, 31, 17, 29, 20, 24],
+    "empty experts": [0, 50, 0, 44, 50, 0],
+    "one expert takes all": [0, 0, 144, 0, 0, 0],
+    "tiny groups": [1, 1, 140, 1, 1, 0],
+}
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
+@pytest.mark.parametrize("case", COUNTS)
+def test_fused_experts_match_the_reference_for_every_thread_partition(case, threads):
+    counts = COUNTS[case]
+    experts = make_experts(len(counts), 24, 40)
+    x = torch.randn(sum(counts), 24)
+    y_ref, g_ref = outputs_and_grads(lambda v: reference_grouped(experts, v, counts), x, experts)
+    y, g = outputs_and_grads(lambda v: cpu_kernels.fused_swiglu_experts(v, experts.w1, experts.w3, experts.w2,
+                                                                         counts), x, experts)
+    assert y_ref.abs().max() > 0.1
+    assert (y - y_ref).abs().max() <= OUT_TOL
+    for a, b, what in zip(g, g_ref, ["x", "w1", "w3", "w2"], strict=True):
+        assert (a - b).abs().max() <= GRAD_TOL, f"gradient of {what}"
+    for e, n in enumerate(counts):  # an expert without rows gets exactly zero
+        if n == 0:
+            assert all(gw[e].abs().max() == 0 for gw in g[1:])
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
+@pytest.mark.parametrize("E,K", [(8, 2), (4, 1), (6, 3), (1, 1)])
+def test_fused_sorted_dispatch_matches_the_loop_reference(E, K, threads):
+    """The permute-experts-combine op, routing weights' gradient included."""
+    T, D, H = 90, 32, 48
+    experts = make_experts(E, D, H)
+    x = torch.randn(T, D)
+    routing = random_routing(T, E, K, requires_grad=True)
+
+    def run(dispatch):
+        x_ = x.clone().requires_grad_()
+        y, _ = dispatch(x_, routing, experts)
+        grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(6))
+        return y, torch.autograd.grad(y, [x_, routing.weights_TK, experts.w1, experts.w3, experts.w2], grad_y)
+
+    y_ref, g_ref = run(loop_dispatch)
+    with cpu_kernels.fused_cpu_kernel(True):
+        assert cpu_kernels.fused_kernel_applies(x, experts.w1)
+        y, g = run(sorted_dispatch)
+    assert (y - y_ref).abs().max() <= OUT_TOL
+    for a, b, what in zip(g, g_ref, ["x", "weights", "w1", "w3", "w2"], strict=True):
+        assert (a - b).abs().max() <= GRAD_TOL, f"gradient of {what}"
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [2], indirect=True)
+def test_fused_kernel_is_deterministic(threads):
+    """The row partition is fixed by the counts, not by timing: repeated runs agree bit for bit."""
+    counts = [40, 0, 77, 13, 60]
+    experts = make_experts(len(counts), 16, 32)
+    x = torch.randn(sum(counts), 16)
+    fused = lambda v: cpu_kernels.fused_swiglu_experts(v, experts.w1, experts.w3, experts.w2, counts)
+    first, second = outputs_and_grads(fused, x, experts), outputs_and_grads(fused, x, experts)
+    assert torch.equal(first[0], second[0])
+    assert all(torch.equal(a, b) for a, b in zip(first[1], second[1], strict=True))
+
+
+@needs_kernel
+def test_fused_kernel_rejects_inconsistent_inputs_with_a_clear_error():
+    kernel = cpu_kernels.load_kernel()
+    experts = make_experts(3, 8, 16)
+    w = (experts.w1.detach(), experts.w3.detach(), experts.w2.detach())
+    with pytest.raises(RuntimeError, match="counts must be >= 0 and add up to the number of rows"):
+        kernel.swiglu_experts_forward(torch.randn(10, 8), None, *w, [3, 3, 3])
+    with pytest.raises(RuntimeError, match="inner dimensions disagree"):
+        kernel.swiglu_experts_forward(torch.randn(9, 7), None, *w, [3, 3, 3])
+    with pytest.raises(RuntimeError, match="one count per expert"):
+        kernel.swiglu_experts_forward(torch.randn(9, 8), None, *w, [9])
+
+
+def test_without_a_compiler_the_experts_fall_back_with_one_warning(monkeypatch, tmp_path):
+    """A kernel that cannot be built (here: a source that does not compile) leaves the same
+    function computed by F.grouped_mm, and says so once."""
+    broken = tmp_path / "broken.cpp"
+    broken.write_text('#error "this build is meant to fail"\n')
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
+    monkeypatch.setattr(cpu_kernels, "_SOURCE", broken)
+    monkeypatch.setattr(cpu_kernels, "_module", None)
+    monkeypatch.setattr(cpu_kernels, "_build_failed", False)
+    monkeypatch.setattr(cpu_kernels, "_enabled", True)
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        assert cpu_kernels.load_kernel() is None
+    counts = [5, 0, 7]
+    experts = make_experts(3, 8, 16)
+    x = torch.randn(12, 8)
+    assert not cpu_kernels.fused_kernel_applies(x, experts.w1)  # and no second warning or build
+    torch.testing.assert_close(experts.forward_grouped(x, counts), reference_grouped(experts, x, counts),
+                               atol=OUT_TOL, rtol=0)
+
+
+def test_environment_switch_turns_the_kernel_off():
+    code = ("import torch; from workbench.moe import cpu_kernels; "
+            "print(cpu_kernels.fused_kernel_applies(torch.randn(4, 8), torch.randn(2, 8, 16)))")
+    env = {**os.environ, "WORKBENCH_FUSED_CPU": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         stdin=subprocess.DEVNULL)
+    assert out.stdout.strip() == "False"

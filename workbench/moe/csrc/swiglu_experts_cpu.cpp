@@ -1,0 +1,205 @@
+// Fused SwiGLU experts on CPU: each thread runs whole expert FFNs, forward and backward.
+//
+//     out_e = (silu(x_e W1_e) * (x_e W3_e)) W2_e          for the rows x_e routed to expert e
+//
+// Why: on a few cores, splitting each small per-expert GEMM across all threads (what
+// F.grouped_mm does) loses time to synchronisation, and the SwiGLU element-wise steps stream
+// (rows x hidden) tensors through memory. Here the rows, sorted by expert, are cut into one
+// equal contiguous range per thread; a thread runs the expert FFN on each expert's part of its
+// range with single-threaded GEMMs, so the threads finish together and a segment's
+// (rows x hidden) activations stay in cache between its GEMMs. An expert cut by a range
+// boundary gets its weight gradient as the sum of the threads' partial sums. Results do not
+// depend on timing: the partition is fixed by the counts. workbench/moe/cpu_kernels.py builds
+// this file; the tests check it against the readable reference.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
+// at::parallel_for is inlined from the headers: without OpenMP here it would run serially.
+#if AT_PARALLEL_OPENMP && !defined(_OPENMP)
+#error "build with -fopenmp (torch's threads are OpenMP threads)"
+#endif
+
+#include <algorithm>
+#include <array>
+#include <numeric>
+#include <optional>
+#include <vector>
+
+using at::Tensor;
+
+namespace {
+
+// A piece of one expert's rows that falls in one thread's range.
+struct Segment {
+  int64_t expert, row, num_rows;
+  bool whole_expert;  // false: the expert's rows are shared with another thread
+};
+
+// Cuts the rows (sorted by expert, counts[e] for expert e) into `parts` equal ranges and
+// each range into per-expert segments.
+std::vector<std::vector<Segment>> partition_rows(const std::vector<int64_t>& counts, int64_t parts) {
+  const int64_t num_rows = std::accumulate(counts.begin(), counts.end(), int64_t{0});
+  std::vector<std::vector<Segment>> segments(parts);
+  int64_t expert_start = 0;
+  for (int64_t e = 0; e < static_cast<int64_t>(counts.size()); ++e) {
+    const int64_t expert_end = expert_start + counts[e];
+    for (int64_t p = 0; p < parts; ++p) {
+      const int64_t lo = std::max(expert_start, num_rows * p / parts);
+      const int64_t hi = std::min(expert_end, num_rows * (p + 1) / parts);
+      if (lo < hi) segments[p].push_back({e, lo, hi - lo, hi - lo == counts[e]});
+    }
+    expert_start = expert_end;
+  }
+  return segments;
+}
+
+// Runs fn(segment, part) for every segment, one part per intra-op thread. Nested ATen ops
+// (and MKL) inside at::parallel_for run single-threaded.
+template <class Fn>
+void for_each_segment(const std::vector<std::vector<Segment>>& segments, const Fn& fn) {
+  at::parallel_for(0, static_cast<int64_t>(segments.size()), 1, [&](int64_t begin, int64_t end) {
+    // a worker thread starts with autograd on; these are plain kernels, called from a backward
+    c10::impl::ExcludeDispatchKeyGuard no_autograd(c10::autograd_dispatch_keyset_with_ADInplaceOrView);
+    for (int64_t p = begin; p < end; ++p) {
+      for (const Segment& s : segments[p]) fn(s, p);
+    }
+  });
+}
+
+int64_t num_parts(int64_t num_rows) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_rows));
+}
+
+void check_inputs(const Tensor& x, const Tensor& token, const Tensor& w1, const Tensor& w3, const Tensor& w2,
+                  const std::vector<int64_t>& counts) {
+  TORCH_CHECK(!token.defined() || (token.dim() == 1 && token.scalar_type() == at::kLong && token.is_contiguous() &&
+                                   token.device().is_cpu()),
+              "fused SwiGLU experts: token must be a contiguous 1-d int64 CPU tensor");
+  const int64_t num_rows = token.defined() ? token.size(0) : x.size(0);
+  TORCH_CHECK(x.dim() == 2 && w1.dim() == 3 && w3.sizes() == w1.sizes() && w2.dim() == 3,
+              "fused SwiGLU experts: x must be (N, D), w1 and w3 (E, D, H), w2 (E, H, D)");
+  TORCH_CHECK(w1.size(0) == static_cast<int64_t>(counts.size()) && w2.size(0) == w1.size(0),
+              "fused SwiGLU experts: one count per expert is required");
+  TORCH_CHECK(x.size(1) == w1.size(1) && w2.size(1) == w1.size(2) && w2.size(2) == x.size(1),
+              "fused SwiGLU experts: inner dimensions disagree");
+  TORCH_CHECK(std::all_of(counts.begin(), counts.end(), [](int64_t c) { return c >= 0; }) &&
+                  std::accumulate(counts.begin(), counts.end(), int64_t{0}) == num_rows,
+              "fused SwiGLU experts: counts must be >= 0 and add up to the number of rows");
+  for (const Tensor* t : {&x, &w1, &w3, &w2}) {
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == x.scalar_type(),
+                "fused SwiGLU experts: inputs must be contiguous CPU tensors of one dtype");
+  }
+}
+
+// Row n of the experts' input: x[token[n]] when rows are routed (token given), else x[n].
+Tensor input_rows(const Tensor& x, const Tensor& token, int64_t row, int64_t num_rows) {
+  return token.defined() ? x.index_select(0, token.narrow(0, row, num_rows)) : x.narrow(0, row, num_rows);
+}
+
+}  // namespace
+
+// Forward. Returns (out, gate, up): out (N, D) holds expert_e(input row) for every row, sorted
+// by expert; gate = input W1 and up = input W3 are kept for the backward. With `token` (N,)
+// given, input row n is x[token[n]] (the permutation is fused in: no sorted copy of x is made).
+std::vector<Tensor> swiglu_experts_forward(const Tensor& x, const std::optional<Tensor>& token,
+                                           const Tensor& w1, const Tensor& w3, const Tensor& w2,
+                                           const std::vector<int64_t>& counts) {
+  const Tensor tok = token.value_or(Tensor());
+  check_inputs(x, tok, w1, w3, w2, counts);
+  const int64_t N = tok.defined() ? tok.size(0) : x.size(0), D = x.size(1), H = w1.size(2);
+  Tensor out = at::empty({N, D}, x.options());
+  Tensor gate = at::empty({N, H}, x.options());
+  Tensor up = at::empty({N, H}, x.options());
+  for_each_segment(partition_rows(counts, num_parts(N)), [&](const Segment& s, int64_t) {
+    const Tensor x_s = input_rows(x, tok, s.row, s.num_rows);
+    Tensor gate_s = gate.narrow(0, s.row, s.num_rows), up_s = up.narrow(0, s.row, s.num_rows);
+    Tensor out_s = out.narrow(0, s.row, s.num_rows);
+    at::mm_out(gate_s, x_s, w1[s.expert]);
+    at::mm_out(up_s, x_s, w3[s.expert]);
+    at::mm_out(out_s, at::silu(gate_s).mul_(up_s), w2[s.expert]);
+  });
+  return {out, gate, up};
+}
+
+// Backward. Returns (grad_rows, grad_row_weight, grad_w1, grad_w3, grad_w2); grad_rows (N, D)
+// is the gradient of each input row (the caller sums a token's rows). Without `token`,
+// grad_out is the gradient of `out`. With `token` and `row_weight`, the experts' outputs were
+// combined as y[t] = sum over rows n of token t of row_weight[n] * out[n]; grad_out is the
+// gradient of y, and the un-permutation, the weighting and the weights' gradient
+// (grad_row_weight[n] = <grad_y[token[n]], out[n]>) are fused in.
+// silu(gate) and the hidden are recomputed in cache.
+std::vector<Tensor> swiglu_experts_backward(const Tensor& grad_out, const Tensor& x, const std::optional<Tensor>& token,
+                                            const std::optional<Tensor>& row_weight, const Tensor& out,
+                                            const Tensor& gate, const Tensor& up, const Tensor& w1, const Tensor& w3,
+                                            const Tensor& w2, const std::vector<int64_t>& counts) {
+  const Tensor tok = token.value_or(Tensor()), weight = row_weight.value_or(Tensor());
+  check_inputs(x, tok, w1, w3, w2, counts);
+  const int64_t N = gate.size(0);
+  TORCH_CHECK(tok.defined() == weight.defined(), "fused SwiGLU experts: token and row_weight come together");
+  TORCH_CHECK(!weight.defined() || (weight.sizes() == tok.sizes() && weight.scalar_type() == x.scalar_type() &&
+                                    weight.is_contiguous()),
+              "fused SwiGLU experts: row_weight must be (N,), contiguous, in the dtype of x");
+  TORCH_CHECK(grad_out.size(1) == x.size(1) && grad_out.size(0) == (tok.defined() ? x.size(0) : N) &&
+                  out.size(0) == N && up.sizes() == gate.sizes() && grad_out.is_contiguous() &&
+                  gate.is_contiguous() && up.is_contiguous() && out.is_contiguous(),
+              "fused SwiGLU experts: grad_out, out, gate and up must be contiguous and match the forward");
+  const auto segments = partition_rows(counts, num_parts(N));
+  Tensor grad_rows = at::empty({N, x.size(1)}, x.options());
+  Tensor grad_row_weight = weight.defined() ? at::empty({N}, x.options()) : Tensor();
+  Tensor grad_w1 = at::empty_like(w1), grad_w3 = at::empty_like(w3), grad_w2 = at::empty_like(w2);
+  for (int64_t e = 0; e < static_cast<int64_t>(counts.size()); ++e) {
+    if (counts[e] == 0) grad_w1[e].zero_(), grad_w3[e].zero_(), grad_w2[e].zero_();  // as in the reference
+  }
+  // a shared expert's partial sums, one slot per (part, first or last segment of the part)
+  std::vector<std::array<Tensor, 3>> partial(2 * segments.size());
+
+  for_each_segment(segments, [&](const Segment& s, int64_t part) {
+    Tensor g_s = input_rows(grad_out, tok, s.row, s.num_rows);  // upstream gradient of each row
+    if (weight.defined()) {
+      Tensor gw_s = grad_row_weight.narrow(0, s.row, s.num_rows);
+      at::sum_out(gw_s, g_s * out.narrow(0, s.row, s.num_rows), {1});
+      g_s = g_s * weight.narrow(0, s.row, s.num_rows).unsqueeze(1);
+    }
+    const Tensor x_s = input_rows(x, tok, s.row, s.num_rows);
+    const Tensor gate_s = gate.narrow(0, s.row, s.num_rows), up_s = up.narrow(0, s.row, s.num_rows);
+    Tensor gw1, gw3, gw2;
+    if (s.whole_expert) {
+      gw1 = grad_w1[s.expert], gw3 = grad_w3[s.expert], gw2 = grad_w2[s.expert];
+    } else {
+      gw1 = at::empty_like(w1[0]), gw3 = at::empty_like(w3[0]), gw2 = at::empty_like(w2[0]);
+      partial[2 * part + (s.row == segments[part].front().row ? 0 : 1)] = {gw1, gw3, gw2};
+    }
+    const Tensor act_s = at::silu(gate_s);
+    at::mm_out(gw2, (act_s * up_s).t(), g_s);  // dW2 = hidden^T g
+    Tensor grad_hidden = at::mm(g_s, w2[s.expert].t());
+    const Tensor grad_up = grad_hidden * act_s;
+    const Tensor grad_gate = at::silu_backward(grad_hidden.mul_(up_s), gate_s);
+    at::mm_out(gw1, x_s.t(), grad_gate);
+    at::mm_out(gw3, x_s.t(), grad_up);
+    Tensor grad_rows_s = grad_rows.narrow(0, s.row, s.num_rows);
+    at::mm_out(grad_rows_s, grad_gate, w1[s.expert].t());
+    grad_rows_s.addmm_(grad_up, w3[s.expert].t());
+  });
+
+  // sum the partial weight gradients of shared experts, in part order (deterministic)
+  std::vector<bool> started(counts.size(), false);
+  for (size_t p = 0; p < segments.size(); ++p) {
+    for (int end = 0; end < 2; ++end) {
+      const auto& sums = partial[2 * p + end];
+      if (!sums[0].defined()) continue;
+      const int64_t e = (end == 0 ? segments[p].front() : segments[p].back()).expert;
+      Tensor grads[3] = {grad_w1[e], grad_w3[e], grad_w2[e]};
+      for (int i = 0; i < 3; ++i) started[e] ? grads[i].add_(sums[i]) : grads[i].copy_(sums[i]);
+      started[e] = true;
+    }
+  }
+  return {grad_rows, grad_row_weight, grad_w1, grad_w3, grad_w2};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("swiglu_experts_forward", &swiglu_experts_forward, "fused SwiGLU experts, forward (CPU)");
+  m.def("swiglu_experts_backward", &swiglu_experts_backward, "fused SwiGLU experts, backward (CPU)");
+}
