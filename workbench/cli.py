@@ -231,6 +231,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     layer.add_argument("--top-k", type=int, default=defaults.top_k)
     layer.add_argument("--dispatches", type=_dispatch_list, default=",".join(defaults.dispatches),
                        help="comma-separated dispatch names to time")
+    layer.add_argument("--no-unfused", action="store_true",
+                       help="skip timing sorted without the fused CPU expert kernel (sorted_unfused)")
     layer.add_argument("--repeats", type=int, default=defaults.repeats)
     layer.add_argument("--warmup", type=int, default=defaults.warmup)
     layer.add_argument("--dtype", default=defaults.dtype, choices=["float32", "bfloat16"])
@@ -255,7 +257,8 @@ def _run_bench_layer(args: argparse.Namespace) -> int:
         tune_cpu_allocator()
     cfg = LayerBenchConfig(tokens=args.tokens, d_model=args.d_model, expert_hidden=args.expert_hidden,
                            num_experts=args.num_experts, top_k=args.top_k, dispatches=args.dispatches,
-                           repeats=args.repeats, warmup=args.warmup, dtype=args.dtype, device=args.device)
+                           compare_unfused=not args.no_unfused, repeats=args.repeats, warmup=args.warmup,
+                           dtype=args.dtype, device=args.device)
     result = run_layer_bench(cfg, progress=sys.stdout.isatty())
     print(format_layer_bench(result))
     _write_json(args.json, result.to_dict())

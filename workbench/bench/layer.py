@@ -4,6 +4,10 @@ All variants are timed in one process, round-robin (variant A, B, C, A, B, C, ..
 is the median over rounds of the two variants' time ratio *within* a round, so a slow spell
 of a shared machine (which lasts seconds) slows both sides of each ratio alike; the report
 also gives each variant's median time.
+
+On CPU the ``sorted`` and ``capacity`` dispatches run their experts with the fused kernel of
+``workbench.moe.cpu_kernels`` when it builds; ``sorted_unfused`` times ``sorted`` with that
+kernel switched off (one ``F.grouped_mm`` per weight matrix), to show what the kernel adds.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from workbench.config import MoEConfig
-from workbench.moe import MoELayer, SwiGLUMLP
+from workbench.moe import MoELayer, SwiGLUMLP, cpu_kernels
+
+UNFUSED_SUFFIX = "_unfused"
 
 
 @dataclass(kw_only=True)
@@ -26,6 +32,7 @@ class LayerBenchConfig:
     num_experts: int = 16
     top_k: int = 2
     dispatches: tuple[str, ...] = ("sorted", "capacity", "loop")
+    compare_unfused: bool = True  # on CPU, also time sorted without the fused expert kernel
     capacity_factor: float = 1.25
     repeats: int = 30
     warmup: int = 3
@@ -39,6 +46,7 @@ class LayerBenchResult:
     config: dict
     threads: int
     flops_per_step: float  # forward + backward matmul FLOPs of the active expert FFN
+    expert_kernel: str  # what ran the experts of sorted and capacity: fused_cpu or grouped_mm
     median_ms: dict[str, float] = field(default_factory=dict)
     gflops: dict[str, float] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=dict)  # paired throughput ratios, > 1 = faster
@@ -65,18 +73,23 @@ def run_layer_bench(cfg: LayerBenchConfig, progress: bool = False) -> LayerBench
 
     layers: dict[str, torch.nn.Module] = {"dense": SwiGLUMLP(D, K * H).to(cfg.device, dtype)}
     layers.update({d: make_moe(d) for d in cfg.dispatches})
+    x_probe = torch.empty(0, D, device=cfg.device, dtype=dtype)
+    fused = cpu_kernels.fused_kernel_applies(x_probe, x_probe.new_empty(E, D, H))
+    if fused and cfg.compare_unfused and "sorted" in cfg.dispatches:
+        layers["sorted" + UNFUSED_SUFFIX] = layers["sorted"]
     x = torch.randn(1, T, D, device=cfg.device, dtype=dtype, requires_grad=True)
     grad_y = torch.randn(1, T, D, device=cfg.device, dtype=dtype)
 
     def step(name: str) -> float:
         layer = layers[name]
         _sync(cfg.device)
-        t0 = time.perf_counter()
-        out = layer(x)
-        y = out[0] if isinstance(out, tuple) else out
-        y.backward(grad_y)
-        _sync(cfg.device)
-        elapsed = time.perf_counter() - t0
+        with cpu_kernels.fused_cpu_kernel(not name.endswith(UNFUSED_SUFFIX)):
+            t0 = time.perf_counter()
+            out = layer(x)
+            y = out[0] if isinstance(out, tuple) else out
+            y.backward(grad_y)
+            _sync(cfg.device)
+            elapsed = time.perf_counter() - t0
         x.grad = None
         layer.zero_grad(set_to_none=True)
         return elapsed
@@ -93,7 +106,8 @@ def run_layer_bench(cfg: LayerBenchConfig, progress: bool = False) -> LayerBench
         print()
 
     flops = 6.0 * T * 3 * D * K * H  # fwd (2 per MAC) x 3 for fwd + bwd; 3 matrices per SwiGLU
-    result = LayerBenchResult(config=asdict(cfg), threads=torch.get_num_threads(), flops_per_step=flops)
+    result = LayerBenchResult(config=asdict(cfg), threads=torch.get_num_threads(), flops_per_step=flops,
+                              expert_kernel="fused_cpu" if fused else "grouped_mm")
     for name, ts in times.items():
         med = sorted(ts)[len(ts) // 2]
         result.median_ms[name] = med * 1e3
@@ -101,10 +115,13 @@ def run_layer_bench(cfg: LayerBenchConfig, progress: bool = False) -> LayerBench
     def paired(baseline: str, name: str) -> float:
         return statistics.median(b / t for b, t in zip(times[baseline], times[name], strict=True))
 
-    for name in cfg.dispatches:
+    variants = [name for name in layers if name != "dense"]
+    for name in variants:
         result.ratios[f"{name}_vs_dense"] = paired("dense", name)
-        if "loop" in cfg.dispatches and name != "loop":
+        if "loop" in layers and name != "loop":
             result.ratios[f"{name}_vs_loop"] = paired("loop", name)
+    if "sorted" + UNFUSED_SUFFIX in layers:
+        result.ratios["sorted_vs_sorted" + UNFUSED_SUFFIX] = paired("sorted" + UNFUSED_SUFFIX, "sorted")
     return result
 
 
@@ -114,11 +131,11 @@ def format_layer_bench(r: LayerBenchResult) -> str:
         f"MoE layer forward+backward, {c['device']} {c['dtype']}, {r.threads} threads: "
         f"{c['tokens']} tokens, d_model {c['d_model']}, {c['num_experts']} experts x hidden "
         f"{c['expert_hidden']}, top-{c['top_k']}; dense baseline hidden {c['top_k'] * c['expert_hidden']} "
-        f"(same active FLOPs: {r.flops_per_step / 1e9:.2f} GFLOP per step)",
-        f"{'variant':<10} {'median ms':>10} {'GFLOP/s':>9}",
+        f"(same active FLOPs: {r.flops_per_step / 1e9:.2f} GFLOP per step); experts run by {r.expert_kernel}",
+        f"{'variant':<15} {'median ms':>10} {'GFLOP/s':>9}",
     ]
     for name, ms in r.median_ms.items():
-        lines.append(f"{name:<10} {ms:>10.2f} {r.gflops[name]:>9.1f}")
+        lines.append(f"{name:<15} {ms:>10.2f} {r.gflops[name]:>9.1f}")
     lines.append("throughput ratios (median of per-round ratios): "
                  + ", ".join(f"{k} {v:.3f}x" for k, v in r.ratios.items()))
     return "\n".join(lines)
