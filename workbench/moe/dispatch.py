@@ -12,7 +12,10 @@ Three implementations of that one function, selected by name from ``DISPATCHES``
   and run every expert in one grouped GEMM over the jagged groups.
 
 ``capacity`` and ``sorted`` are written as three separable steps (permute, expert compute,
-un-permute and combine) so that an all-to-all can later go between them.
+un-permute and combine) so that an all-to-all can later go between them. On CPU, where no
+all-to-all goes between them, ``sorted`` runs the three as one fused op
+(``cpu_kernels.fused_routed_experts``) and ``capacity`` runs its experts with the same kernel;
+both are tested against ``loop`` with the kernel on and off.
 
 Masked routing (expert choice): where ``routing.mask_TK`` is given, a False slot is padding: it
 is not computed, not counted and claims no capacity, and its weight gets no gradient. The
