@@ -155,3 +155,19 @@ def test_environment_switch_turns_the_kernel_off():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
                          stdin=subprocess.DEVNULL)
     assert out.stdout.strip() == "False"
+
+
+@needs_kernel
+def test_fused_sorted_dispatch_runs_bf16_weights_close_to_fp32():
+    """A model cast to bf16 (no autocast) also takes the kernel; it tracks the fp32 reference to bf16 precision."""
+    T, D, H, E, K = 64, 32, 48, 4, 2
+    experts = make_experts(E, D, H)
+    x = torch.randn(T, D)
+    routing = random_routing(T, E, K)
+    y_ref, _ = loop_dispatch(x, routing, experts)
+    experts_bf16 = make_experts(E, D, H).to(torch.bfloat16)
+    experts_bf16.load_state_dict(experts.state_dict())
+    assert cpu_kernels.fused_kernel_applies(x.bfloat16(), experts_bf16.w1)
+    y, _ = sorted_dispatch(x.bfloat16(), routing, experts_bf16)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_ref, atol=0.05, rtol=0.05)
