@@ -74,10 +74,17 @@ def load_kernel() -> ModuleType | None:
         build_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
         if not (build_dir / f"{name}.so").exists():
             print(f"workbench: building the fused CPU expert kernel in {build_dir} "
-                  "(once per torch version, about 30 s)", file=sys.stderr, flush=True)
+                  "(once per torch version and kernel source, about 30 s)", file=sys.stderr, flush=True)
         try:
             build_dir.mkdir(parents=True, exist_ok=True)
-            _module = load(name, [str(_SOURCE)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+            # Compile a copy kept in the build folder: its path is the same for every checkout
+            # with this source, so two clones share one build instead of rebuilding in turn.
+            source = build_dir / _SOURCE.name
+            if not source.exists():
+                tmp = source.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_bytes(_SOURCE.read_bytes())
+                tmp.replace(source)
+            _module = load(name, [str(source)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
                            build_directory=str(build_dir))
         except Exception as err:  # no compiler, no ninja, a read-only cache, ...: the fallback is exact
             _build_failed = True
