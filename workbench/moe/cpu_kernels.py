@@ -119,16 +119,16 @@ class _FusedSwiGLUExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND, w1_EDH, w3_EDH, w2_EHD, counts):
         out_ND, gate_NH, up_NH = load_kernel().swiglu_experts_forward(x_ND, None, w1_EDH, w3_EDH, w2_EHD, counts)
-        ctx.save_for_backward(x_ND, out_ND, gate_NH, up_NH, w1_EDH, w3_EDH, w2_EHD)
+        ctx.save_for_backward(x_ND, gate_NH, up_NH, w1_EDH, w3_EDH, w2_EHD)
         ctx.counts = counts
         return out_ND
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_ND):
-        x_ND, out_ND, gate_NH, up_NH, w1_EDH, w3_EDH, w2_EHD = ctx.saved_tensors
+        x_ND, gate_NH, up_NH, w1_EDH, w3_EDH, w2_EHD = ctx.saved_tensors
         grad_x_ND, _, *grad_weights = load_kernel().swiglu_experts_backward(
-            grad_ND.contiguous(), x_ND, None, None, out_ND, gate_NH, up_NH, w1_EDH, w3_EDH, w2_EHD, ctx.counts)
+            grad_ND.contiguous(), x_ND, None, None, None, gate_NH, up_NH, w1_EDH, w3_EDH, w2_EHD, ctx.counts)
         return grad_x_ND, *grad_weights, None
 
 

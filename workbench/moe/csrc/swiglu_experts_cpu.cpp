@@ -61,7 +61,8 @@ std::vector<std::vector<Segment>> partition_rows(const std::vector<int64_t>& cou
 template <class Fn>
 void for_each_segment(const std::vector<std::vector<Segment>>& segments, const Fn& fn) {
   at::parallel_for(0, static_cast<int64_t>(segments.size()), 1, [&](int64_t begin, int64_t end) {
-    // a worker thread starts with autograd on; these are plain kernels, called from a backward
+    // a worker thread starts with autograd on, and the inputs may require grad: these are
+    // plain kernels (the autograd Function around them is in cpu_kernels.py)
     c10::impl::ExcludeDispatchKeyGuard no_autograd(c10::autograd_dispatch_keyset_with_ADInplaceOrView);
     for (int64_t p = begin; p < end; ++p) {
       for (const Segment& s : segments[p]) fn(s, p);
@@ -126,28 +127,29 @@ std::vector<Tensor> swiglu_experts_forward(const Tensor& x, const std::optional<
 
 // Backward. Returns (grad_rows, grad_row_weight, grad_w1, grad_w3, grad_w2); grad_rows (N, D)
 // is the gradient of each input row (the caller sums a token's rows). Without `token`,
-// grad_out is the gradient of `out`. With `token` and `row_weight`, the experts' outputs were
+// grad_out is the gradient of `out`. With `token`, `row_weight` and `out`, the experts' outputs were
 // combined as y[t] = sum over rows n of token t of row_weight[n] * out[n]; grad_out is the
 // gradient of y, and the un-permutation, the weighting and the weights' gradient
 // (grad_row_weight[n] = <grad_y[token[n]], out[n]>) are fused in.
 // silu(gate) and the hidden are recomputed in cache.
 std::vector<Tensor> swiglu_experts_backward(const Tensor& grad_out, const Tensor& x, const std::optional<Tensor>& token,
-                                            const std::optional<Tensor>& row_weight, const Tensor& out,
+                                            const std::optional<Tensor>& row_weight, const std::optional<Tensor>& out,
                                             const Tensor& gate, const Tensor& up, const Tensor& w1, const Tensor& w3,
                                             const Tensor& w2, const std::vector<int64_t>& counts) {
   const Tensor tok = token.value_or(Tensor()), weight = row_weight.value_or(Tensor());
+  const Tensor out_rows = out.value_or(Tensor());
   check_inputs(x, tok, w1, w3, w2, counts);
-  const int64_t N = gate.size(0);
-  TORCH_CHECK(tok.defined() == weight.defined(), "fused SwiGLU experts: token and row_weight come together");
-  TORCH_CHECK(!weight.defined() || (weight.sizes() == tok.sizes() && weight.scalar_type() == x.scalar_type() &&
-                                    weight.is_contiguous()),
-              "fused SwiGLU experts: row_weight must be (N,), contiguous, in the dtype of x");
-  TORCH_CHECK(grad_out.size(1) == x.size(1) && grad_out.size(0) == (tok.defined() ? x.size(0) : N) &&
-                  out.size(0) == N && up.sizes() == gate.sizes() && grad_out.is_contiguous() &&
-                  gate.is_contiguous() && up.is_contiguous() && out.is_contiguous(),
-              "fused SwiGLU experts: grad_out, out, gate and up must be contiguous and match the forward");
+  const int64_t N = tok.defined() ? tok.size(0) : x.size(0), D = x.size(1), H = w1.size(2);
+  TORCH_CHECK(tok.defined() == weight.defined() && weight.defined() == out_rows.defined(),
+              "fused SwiGLU experts: token, row_weight and out come together");
+  const auto matches = [](const Tensor& t, at::IntArrayRef sizes) { return t.sizes() == sizes && t.is_contiguous(); };
+  TORCH_CHECK(matches(gate, {N, H}) && matches(up, {N, H}) && matches(grad_out, {tok.defined() ? x.size(0) : N, D}),
+              "fused SwiGLU experts: grad_out, gate and up must be contiguous and match the forward");
+  TORCH_CHECK(!weight.defined() || (matches(weight, {N}) && matches(out_rows, {N, D}) &&
+                                    weight.scalar_type() == x.scalar_type()),
+              "fused SwiGLU experts: row_weight (N,) in the dtype of x and out (N, D) must be contiguous");
   const auto segments = partition_rows(counts, num_parts(N));
-  Tensor grad_rows = at::empty({N, x.size(1)}, x.options());
+  Tensor grad_rows = at::empty({N, D}, x.options());
   Tensor grad_row_weight = weight.defined() ? at::empty({N}, x.options()) : Tensor();
   Tensor grad_w1 = at::empty_like(w1), grad_w3 = at::empty_like(w3), grad_w2 = at::empty_like(w2);
   for (int64_t e = 0; e < static_cast<int64_t>(counts.size()); ++e) {
@@ -160,7 +162,7 @@ std::vector<Tensor> swiglu_experts_backward(const Tensor& grad_out, const Tensor
     Tensor g_s = input_rows(grad_out, tok, s.row, s.num_rows);  // upstream gradient of each row
     if (weight.defined()) {
       Tensor gw_s = grad_row_weight.narrow(0, s.row, s.num_rows);
-      at::sum_out(gw_s, g_s * out.narrow(0, s.row, s.num_rows), {1});
+      at::sum_out(gw_s, g_s * out_rows.narrow(0, s.row, s.num_rows), {1});
       g_s = g_s * weight.narrow(0, s.row, s.num_rows).unsqueeze(1);
     }
     const Tensor x_s = input_rows(x, tok, s.row, s.num_rows);
