@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -171,3 +172,16 @@ def test_fused_sorted_dispatch_runs_bf16_weights_close_to_fp32():
     y, _ = sorted_dispatch(x.bfloat16(), routing, experts_bf16)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), y_ref, atol=0.05, rtol=0.05)
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
+    """A build killed mid-way leaves torch's lock file behind, which would block every later load."""
+    stale, fresh = tmp_path / "stale", tmp_path / "fresh"
+    stale.touch()
+    fresh.touch()
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    with pytest.warns(RuntimeWarning, match="stale build lock"):
+        cpu_kernels._remove_stale_lock(stale)
+    cpu_kernels._remove_stale_lock(fresh)
+    assert not stale.exists() and fresh.exists()

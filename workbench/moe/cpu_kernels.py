@@ -24,6 +24,7 @@ import os
 import re
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,6 +61,16 @@ def _extension_name() -> str:
     return f"workbench_swiglu_cpu_{torch_version}_{source_hash}"
 
 
+def _remove_stale_lock(lock: Path, max_age_s: float = 600.0) -> None:
+    """torch's build lock outlives a build that was killed, and then every later load waits on
+    it forever; a build takes about 30 s, so a lock this old belongs to no live build."""
+    with contextlib.suppress(FileNotFoundError):
+        if time.time() - lock.stat().st_mtime > max_age_s:
+            lock.unlink()
+            warnings.warn(f"removed a stale build lock left by an interrupted build: {lock}", RuntimeWarning,
+                          stacklevel=4)
+
+
 def load_kernel() -> ModuleType | None:
     """The compiled extension, building it on first call; None where it cannot be built."""
     global _module, _build_failed
@@ -79,6 +90,7 @@ def load_kernel() -> ModuleType | None:
             build_dir.mkdir(parents=True, exist_ok=True)
             # Compile a copy kept in the build folder: its path is the same for every checkout
             # with this source, so two clones share one build instead of rebuilding in turn.
+            _remove_stale_lock(build_dir / "lock")
             source = build_dir / _SOURCE.name
             if not source.exists():
                 tmp = source.with_suffix(f".{os.getpid()}.tmp")
