@@ -31,7 +31,6 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 _SOURCE = Path(__file__).parent / "csrc" / "swiglu_experts_cpu.cpp"
@@ -130,7 +129,7 @@ class _FusedSwiGLUExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_ND, w1_EDH, w3_EDH, w2_EHD, counts):
-        out_ND, gate_NH, up_NH = load_kernel().swiglu_experts_forward(x_ND, None, w1_EDH, w3_EDH, w2_EHD, counts)
+        out_ND, gate_NH, up_NH = require_kernel().swiglu_experts_forward(x_ND, None, w1_EDH, w3_EDH, w2_EHD, counts)
         ctx.save_for_backward(x_ND, gate_NH, up_NH, w1_EDH, w3_EDH, w2_EHD)
         ctx.counts = counts
         return out_ND
@@ -139,70 +138,23 @@ class _FusedSwiGLUExperts(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_ND):
         x_ND, gate_NH, up_NH, w1_EDH, w3_EDH, w2_EHD = ctx.saved_tensors
-        grad_x_ND, _, *grad_weights = load_kernel().swiglu_experts_backward(
+        grad_x_ND, _, *grad_weights = require_kernel().swiglu_experts_backward(
             grad_ND.contiguous(), x_ND, None, None, None, gate_NH, up_NH, w1_EDH, w3_EDH, w2_EHD, ctx.counts)
         return grad_x_ND, *grad_weights, None
 
 
-class _FusedRoutedExperts(torch.autograd.Function):
-    """Permute, experts, un-permute and combine in one op: ``y_t = sum_k w_tk * SwiGLU_{e_tk}(x_t)``.
-
-    Row n of the experts' input is token ``sorted_to_pair[n] // K``; the kernel gathers each
-    thread's rows itself, and its backward gathers the output gradient and computes the
-    routing weights' gradient in the same pass, so no sorted copy of x or of the gradient is
-    ever written to memory.
-    """
-
-    @staticmethod
-    def forward(ctx, x_TD, weights_TK, w1_EDH, w3_EDH, w2_EHD, sorted_to_pair_N, pair_to_sorted_N, counts):
-        K = weights_TK.shape[1]
-        token_of_row_N = sorted_to_pair_N // K
-        out_ND, gate_NH, up_NH = load_kernel().swiglu_experts_forward(x_TD, token_of_row_N, w1_EDH, w3_EDH,
-                                                                      w2_EHD, counts)
-        bags_TK = pair_to_sorted_N.view_as(weights_TK)
-        y_TD = F.embedding_bag(bags_TK, out_ND, per_sample_weights=weights_TK.to(out_ND.dtype), mode="sum")
-        ctx.save_for_backward(x_TD, weights_TK, sorted_to_pair_N, pair_to_sorted_N, token_of_row_N, out_ND,
-                              gate_NH, up_NH, w1_EDH, w3_EDH, w2_EHD)
-        ctx.counts = counts
-        return y_TD
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_TD):
-        (x_TD, weights_TK, sorted_to_pair_N, pair_to_sorted_N, token_of_row_N, out_ND, gate_NH, up_NH,
-         w1_EDH, w3_EDH, w2_EHD) = ctx.saved_tensors
-        weight_of_row_N = weights_TK.flatten().index_select(0, sorted_to_pair_N).to(x_TD.dtype)
-        grad_rows_ND, grad_weight_of_row_N, *grad_weights = load_kernel().swiglu_experts_backward(
-            grad_TD.contiguous(), x_TD, token_of_row_N, weight_of_row_N, out_ND, gate_NH, up_NH,
-            w1_EDH, w3_EDH, w2_EHD, ctx.counts)
-        # a token's gradient is the sum of its K rows'
-        grad_x_TD = F.embedding_bag(pair_to_sorted_N.view_as(weights_TK), grad_rows_ND, mode="sum")
-        grad_weights_TK = (torch.empty_like(grad_weight_of_row_N).index_copy_(0, sorted_to_pair_N, grad_weight_of_row_N)
-                           .view_as(weights_TK).to(weights_TK.dtype))
-        return grad_x_TD, grad_weights_TK, *grad_weights, None, None, None
-
-
-def _require_kernel() -> None:
-    if load_kernel() is None:
+def require_kernel() -> ModuleType:
+    """The built extension; raises where it is not available (check ``fused_kernel_applies`` first)."""
+    kernel = load_kernel()
+    if kernel is None:
         raise RuntimeError("the fused CPU expert kernel is not available; check fused_kernel_applies() first")
+    return kernel
 
 
 def fused_swiglu_experts(x_ND: torch.Tensor, w1_EDH: torch.Tensor, w3_EDH: torch.Tensor, w2_EHD: torch.Tensor,
                          counts: list[int]) -> torch.Tensor:
     """``out[rows of e] = (silu(x_e w1[e]) * (x_e w3[e])) w2[e]``, rows sorted by expert, ``counts[e]`` each."""
-    _require_kernel()
+    require_kernel()
     tensors = [t.contiguous() for t in (x_ND, w1_EDH, w3_EDH, w2_EHD)]
     return _FusedSwiGLUExperts.apply(*tensors, [int(c) for c in counts])
 
-
-def fused_routed_experts(x_TD: torch.Tensor, weights_TK: torch.Tensor, w1_EDH: torch.Tensor, w3_EDH: torch.Tensor,
-                         w2_EHD: torch.Tensor, sorted_to_pair_N: torch.Tensor, pair_to_sorted_N: torch.Tensor,
-                         counts: list[int]) -> torch.Tensor:
-    """``y_t = sum_k w_tk * expert_{e_tk}(x_t)`` for dropless sorted dispatch, permutation fused in.
-
-    ``sorted_to_pair`` lists the token-expert pairs (n = t*K + k) grouped by expert, ``counts[e]``
-    pairs for expert e, and ``pair_to_sorted`` is its inverse; every pair is a real assignment.
-    """
-    _require_kernel()
-    tensors = [t.contiguous() for t in (x_TD, weights_TK, w1_EDH, w3_EDH, w2_EHD, sorted_to_pair_N, pair_to_sorted_N)]
-    return _FusedRoutedExperts.apply(*tensors, [int(c) for c in counts])

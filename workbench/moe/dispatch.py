@@ -14,7 +14,7 @@ Three implementations of that one function, selected by name from ``DISPATCHES``
 ``capacity`` and ``sorted`` are written as three separable steps (permute, expert compute,
 un-permute and combine) so that an all-to-all can later go between them. On CPU, where no
 all-to-all goes between them, ``sorted`` runs the three as one fused op
-(``cpu_kernels.fused_routed_experts``) and ``capacity`` runs its experts with the same kernel;
+(``_FusedSortedExperts``) and ``capacity`` runs its experts with the same kernel;
 both are tested against ``loop`` with the kernel on and off.
 
 Masked routing (expert choice): where ``routing.mask_TK`` is given, a False slot is padding: it
@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from workbench.moe import cpu_kernels
 from workbench.moe.experts import SwiGLUExperts
@@ -68,6 +69,17 @@ def combine(rows_RD: torch.Tensor, row_of_pair_TK: torch.Tensor, weights_TK: tor
     """y_t = sum_k w_tk * rows[row_of_pair[t, k]]: gather each token's K expert outputs and
     weight them, fused in one pass by ``embedding_bag`` (bag t holds token t's K rows)."""
     return F.embedding_bag(row_of_pair_TK, rows_RD, per_sample_weights=weights_TK.to(rows_RD.dtype), mode="sum")
+
+
+def _sum_rows_per_token(rows_ND: torch.Tensor, pair_to_sorted_N: torch.Tensor, K: int) -> torch.Tensor:
+    """(T, D): each token's K rows (pair t*K + k sits at row pair_to_sorted[t*K + k]) summed,
+    gathered and added in one fused ``embedding_bag`` pass."""
+    return F.embedding_bag(pair_to_sorted_N.view(-1, K), rows_ND, mode="sum")
+
+
+def _in_pair_order(sorted_N: torch.Tensor, sorted_to_pair_N: torch.Tensor) -> torch.Tensor:
+    """Undo the sort of a per-pair value: ``out[sorted_to_pair[n]] = sorted[n]``."""
+    return torch.empty_like(sorted_N).index_copy_(0, sorted_to_pair_N, sorted_N)
 
 
 # --- loop: the reference ------------------------------------------------------------------
@@ -111,9 +123,7 @@ class _GatherPairs(torch.autograd.Function):
         (pair_to_sorted_N,) = ctx.saved_tensors
         if ctx.pad:
             grad_sorted_ND = torch.cat([grad_sorted_ND, grad_sorted_ND.new_zeros(ctx.pad, grad_sorted_ND.shape[1])])
-        # embedding_bag gathers each token's K rows and sums them in one fused pass
-        grad_TD = F.embedding_bag(pair_to_sorted_N.view(-1, ctx.K), grad_sorted_ND, mode="sum")
-        return grad_TD, None, None, None, None
+        return _sum_rows_per_token(grad_sorted_ND, pair_to_sorted_N, ctx.K), None, None, None, None
 
 
 class _UnpermuteCombine(torch.autograd.Function):
@@ -136,10 +146,44 @@ class _UnpermuteCombine(torch.autograd.Function):
         grad_weights = None
         if ctx.needs_input_grad[1]:
             grad_w_sorted = (grad_sorted_ND * out_sorted_ND).sum(dim=1)
-            grad_weights = (torch.empty_like(grad_w_sorted).index_copy_(0, sorted_to_pair_N, grad_w_sorted)
-                            .view_as(weights_TK).to(weights_TK.dtype))
+            grad_weights = _in_pair_order(grad_w_sorted, sorted_to_pair_N).view_as(weights_TK).to(weights_TK.dtype)
         w_sorted = weights_TK.flatten().index_select(0, sorted_to_pair_N).to(grad_sorted_ND.dtype)
         return grad_sorted_ND.mul_(w_sorted.unsqueeze(1)), grad_weights, None, None
+
+
+class _FusedSortedExperts(torch.autograd.Function):
+    """Permute, experts, un-permute and combine in one op, with the fused CPU kernel.
+
+    Row n of the experts' input is token ``sorted_to_pair[n] // K``; the kernel gathers each
+    thread's rows itself, and its backward gathers the output gradient, weights it and computes
+    the routing weights' gradient in the same pass (what ``_GatherPairs`` and
+    ``_UnpermuteCombine`` do in separate steps), so no sorted copy of x or of the gradient is
+    written to memory. Every pair must be a real assignment (no slot mask).
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, weights_TK, w1_EDH, w3_EDH, w2_EHD, sorted_to_pair_N, pair_to_sorted_N, counts):
+        token_of_row_N = sorted_to_pair_N // weights_TK.shape[1]
+        out_sorted_ND, gate_NH, up_NH = cpu_kernels.require_kernel().swiglu_experts_forward(
+            x_TD, token_of_row_N, w1_EDH, w3_EDH, w2_EHD, counts)
+        ctx.save_for_backward(x_TD, weights_TK, sorted_to_pair_N, pair_to_sorted_N, token_of_row_N, out_sorted_ND,
+                              gate_NH, up_NH, w1_EDH, w3_EDH, w2_EHD)
+        ctx.counts = counts
+        return combine(out_sorted_ND, pair_to_sorted_N.view_as(weights_TK), weights_TK)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_TD):
+        (x_TD, weights_TK, sorted_to_pair_N, pair_to_sorted_N, token_of_row_N, out_sorted_ND, gate_NH, up_NH,
+         w1_EDH, w3_EDH, w2_EHD) = ctx.saved_tensors
+        weight_of_row_N = weights_TK.flatten().index_select(0, sorted_to_pair_N).to(x_TD.dtype)
+        grad_rows_ND, grad_weight_of_row_N, *grad_expert_weights = cpu_kernels.require_kernel().swiglu_experts_backward(
+            grad_TD.contiguous(), x_TD, token_of_row_N, weight_of_row_N, out_sorted_ND, gate_NH, up_NH,
+            w1_EDH, w3_EDH, w2_EHD, ctx.counts)
+        grad_x_TD = _sum_rows_per_token(grad_rows_ND, pair_to_sorted_N, weights_TK.shape[1])
+        grad_weights_TK = (_in_pair_order(grad_weight_of_row_N, sorted_to_pair_N)
+                           .view_as(weights_TK).to(weights_TK.dtype))
+        return grad_x_TD, grad_weights_TK, *grad_expert_weights, None, None, None
 
 
 def sorted_dispatch(x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLUExperts) -> tuple[
@@ -161,8 +205,8 @@ def sorted_dispatch(x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLUEx
     num_valid = sum(counts)
     if routing.mask_TK is None and cpu_kernels.fused_kernel_applies(x_TD, experts.w1):
         # CPU: the three steps below in one fused op (the permutation never materialises)
-        y_TD = cpu_kernels.fused_routed_experts(x_TD, routing.weights_TK, experts.w1, experts.w3, experts.w2,
-                                                sorted_to_pair_N, pair_to_sorted_N, counts)
+        y_TD = _FusedSortedExperts.apply(x_TD.contiguous(), routing.weights_TK.contiguous(), experts.w1, experts.w3,
+                                         experts.w2, sorted_to_pair_N, pair_to_sorted_N, counts)
         return y_TD, DispatchStats.dropless(tokens_per_expert)
     x_sorted_ND = _GatherPairs.apply(x_TD, sorted_to_pair_N, pair_to_sorted_N, num_valid, K)
 
