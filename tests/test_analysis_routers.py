@@ -57,7 +57,7 @@ def test_every_router_routes_the_batch_and_counts_every_assignment(router, token
     for layer, m in zip(result.layers, result.metrics, strict=True):
         info = result.layer_info(layer)
         loads = torch.tensor(m["tokens_per_expert"])
-        mask = info.router.mask_TK
+        mask = info.router_output.mask_TK
         # the load counts every real assignment: T * K for token choice, the real slots for expert choice
         real = T * result.top_k if mask is None else int(mask.sum())
         assert loads.sum().item() == real
@@ -125,9 +125,9 @@ def test_measurement_is_reproducible_and_leaves_the_generator_alone(tokens):
     before = torch.random.get_rng_state()
     a, b = route_batch(model, tokens, seed=5), route_batch(model, tokens, seed=5)
     assert torch.equal(torch.random.get_rng_state(), before)
-    assert torch.equal(a.routing[0].router.expert_ids_TK, b.routing[0].router.expert_ids_TK)
+    assert torch.equal(a.routing[0].router_output.expert_ids_TK, b.routing[0].router_output.expert_ids_TK)
     other = route_batch(model, tokens, seed=6)
-    assert not torch.equal(a.routing[0].router.expert_ids_TK, other.routing[0].router.expert_ids_TK)
+    assert not torch.equal(a.routing[0].router_output.expert_ids_TK, other.routing[0].router_output.expert_ids_TK)
     assert a.train_mode and not model.training  # routed in training mode, the model's mode restored
 
 
@@ -159,9 +159,9 @@ def test_train_router_init_equals_an_untrained_model_and_training_changes_it(mic
     direct = analyze_router("softmax_topk", batch.tokens, num_experts=4, top_k=2, seed=7, base=MICRO)
     assert run.init.balance() == direct.balance()
     for a, b in zip(run.init.routing, direct.routing, strict=True):
-        assert torch.equal(a.router.scores_TE, b.router.scores_TE)
+        assert torch.equal(a.router_output.scores_TE, b.router_output.scores_TE)
     assert run.steps == 3 and len(run.history) == 3
-    assert not torch.equal(run.trained.routing[0].router.scores_TE, run.init.routing[0].router.scores_TE)
+    assert not torch.equal(run.trained.routing[0].router_output.scores_TE, run.init.routing[0].router_output.scores_TE)
     for value in (*run.trained.balance().values(), run.val_loss, run.tokens_per_s, *run.leak.values()):
         assert math.isfinite(value)
     assert run.causal("eval")

@@ -182,7 +182,7 @@ def test_one_expert_top1_equals_dense_swiglu():
         dense.w2.weight.copy_(layer.experts.w2[0].t())
     x = torch.randn(3, 7, D)
     y, info = layer(x)
-    assert torch.all(info.router.weights_TK == 1.0)
+    assert torch.all(info.router_output.weights_TK == 1.0)
     torch.testing.assert_close(y, dense(x), atol=OUT_TOL, rtol=0)
 
 
@@ -191,8 +191,8 @@ def test_dispatch_under_bf16_autocast_keeps_routing_in_fp32():
     x = torch.randn(2, 8, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, info = layer(x.bfloat16())
-    assert info.router.logits_TE.dtype == torch.float32
-    assert info.router.weights_TK.dtype == torch.float32
+    assert info.router_output.logits_TE.dtype == torch.float32
+    assert info.router_output.weights_TK.dtype == torch.float32
     assert torch.isfinite(y.float()).all()
 
 
@@ -262,7 +262,7 @@ def test_layer_dispatches_agree_end_to_end_with_expert_choice(expert_kernel):
         layer.experts.reset_parameters(std=0.25, out_std=0.2)
         x = torch.randn(2, 24, 16, requires_grad=True)
         y, info = layer(x)
-        assert info.router.mask_TK is not None and not info.router.mask_TK.all()
+        assert info.router_output.mask_TK is not None and not info.router_output.mask_TK.all()
         loss = (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(2))).sum() + info.weighted_loss
         loss.backward()
         results[name] = (y.detach(), x.grad, {n: p.grad for n, p in layer.named_parameters()}, info)

@@ -346,7 +346,7 @@ def test_every_router_runs_the_layer_under_bf16_autocast(name):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, info = layer(x.bfloat16(), token_ids)
     assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
-    for t in (info.router.weights_TK, info.router.scores_TE, info.router.logits_TE):
+    for t in (info.router_output.weights_TK, info.router_output.scores_TE, info.router_output.logits_TE):
         assert t.dtype == torch.float32
     y.float().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)

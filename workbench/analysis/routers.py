@@ -169,12 +169,12 @@ class BatchRouting:
             raise ValueError(f"sequence={sequence!r} is invalid: the batch has {B} sequences")
         n = S if length is None else min(length, S)
         rows = slice(sequence * S, sequence * S + n)
-        weights_TK = info.router.weights_TK
-        if info.router.mask_TK is not None:
-            weights_TK = weights_TK * info.router.mask_TK
+        weights_TK = info.router_output.weights_TK
+        if info.router_output.mask_TK is not None:
+            weights_TK = weights_TK * info.router_output.mask_TK
         return {
             "token_strings": ByteTokenizer().token_strings(self.tokens[sequence, :n]),
-            "expert_ids_TK": info.router.expert_ids_TK[rows].cpu(),
+            "expert_ids_TK": info.router_output.expert_ids_TK[rows].cpu(),
             "weights_TK": weights_TK[rows].float().cpu(),
             "num_experts": self.num_experts,
             "tokens_per_expert": m["tokens_per_expert"],
@@ -188,9 +188,9 @@ class BatchRouting:
 
 def real_gates(info: RoutingInfo) -> torch.Tensor:
     """The combine weights of the real assignments of one layer, flattened (padding left out), CPU fp32."""
-    weights_TK = info.router.weights_TK.detach()
-    if info.router.mask_TK is not None:
-        weights_TK = weights_TK[info.router.mask_TK]
+    weights_TK = info.router_output.weights_TK.detach()
+    if info.router_output.mask_TK is not None:
+        weights_TK = weights_TK[info.router_output.mask_TK]
     return weights_TK.flatten().float().cpu()
 
 

@@ -27,7 +27,7 @@ from workbench.moe.routers import RouterOutput, build_router
 class RoutingInfo:
     """What one MoE layer did with one batch; ``workbench.moe.metrics`` turns it into numbers."""
 
-    router: RouterOutput
+    router_output: RouterOutput  # what the router decided for this batch
     stats: DispatchStats
     losses: dict[str, torch.Tensor]  # raw, unweighted: aux_loss, seq_aux_loss, z_loss
     weighted_loss: torch.Tensor  # sum of the losses times their configured weights

@@ -62,7 +62,7 @@ def routing_metrics(info: RoutingInfo) -> dict[str, float | list[float]]:
     the load numbers describe *attribution* (each token's top_k experts by combine mass,
     ``SoftMoERouter``), ``gate_mass`` their share of that mass, and nothing is dropped.
     """
-    routing, stats = info.router, info.stats
+    routing, stats = info.router_output, info.stats
     T, K = routing.expert_ids_TK.shape
     E = routing.scores_TE.shape[1]
     weights_TK = routing.weights_TK

@@ -233,10 +233,10 @@ class Trainer:
                 n += targets.numel()
                 domain_T = batch.domains.flatten()
                 for li, info in enumerate(out.routing):
-                    ids_TK = info.router.expert_ids_TK.cpu()
+                    ids_TK = info.router_output.expert_ids_TK.cpu()
                     domain_TK = domain_T.unsqueeze(1).expand_as(ids_TK)
-                    if info.router.mask_TK is not None:  # expert choice pads its slots
-                        mask = info.router.mask_TK.cpu()
+                    if info.router_output.mask_TK is not None:  # expert choice pads its slots
+                        mask = info.router_output.mask_TK.cpu()
                         ids_TK, domain_TK = ids_TK[mask], domain_TK[mask]
                     counts[li].index_put_((domain_TK.flatten(), ids_TK.flatten()), torch.ones(1, dtype=torch.long),
                                           accumulate=True)
