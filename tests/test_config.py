@@ -9,11 +9,16 @@ from workbench.config import ModelConfig, MoEConfig, preset
 
 @pytest.mark.parametrize("kwargs, pattern", [
     ({"num_experts": 4, "top_k": 5}, r"top_k=5 .*between 1 and num_experts=4"),
-    ({"top_k": 0}, r"top_k=0 .*between 1 and num_experts"),
+    ({"top_k": 0}, r"top_k=0 .*integer >= 1"),
+    ({"num_experts": 2.5}, r"num_experts=2.5 .*integer >= 1"),
+    ({"num_experts": True}, r"num_experts=True .*integer >= 1"),
     ({"router": "magic"}, r"router='magic' .*allowed values are softmax_topk, switch, noisy_topk, sigmoid"),
     ({"dispatch": "fast"}, r"dispatch='fast' .*allowed values are loop, capacity, sorted"),
-    ({"capacity_factor": 0.0}, r"capacity_factor=0.0 .*must be > 0"),
-    ({"capacity_factor": -1.5}, r"capacity_factor=-1.5 .*must be > 0"),
+    ({"capacity_factor": 0.0}, r"capacity_factor=0.0 .*> 0, or None to never drop"),
+    ({"capacity_factor": -1.5}, r"capacity_factor=-1.5 .*> 0, or None to never drop"),
+    ({"capacity_factor": float("inf")}, r"capacity_factor=inf .*finite number > 0, or None to never drop"),
+    ({"capacity_factor": float("nan")}, r"capacity_factor=nan .*finite"),
+    ({"route_scale": float("inf")}, r"route_scale=inf .*finite"),
     ({"drop_policy": "random"}, r"drop_policy='random' .*position, score"),
     ({"router": "sigmoid", "num_experts": 8, "num_groups": 3}, r"num_groups=3 .*divide num_experts=8"),
     ({"router": "sigmoid", "num_groups": 4, "topk_groups": 5}, r"topk_groups=5 .*between 1 and num_groups=4"),
@@ -31,6 +36,8 @@ def test_invalid_moe_config(kwargs, pattern):
 @pytest.mark.parametrize("kwargs, pattern", [
     ({"d_model": 100, "n_heads": 3}, r"n_heads=3 .*divide d_model=100"),
     ({"d_model": 12, "n_heads": 4}, r"n_heads=4 .*even"),
+    ({"d_model": 64.0}, r"d_model=64.0 .*integer >= 1"),
+    ({"moe": 3}, r"moe=3 .*MoEConfig"),
     ({"first_dense_layers": 9, "n_layers": 4}, r"first_dense_layers=9 .*between 0 and n_layers=4"),
     ({"moe_every": 0}, r"moe_every=0 .*>= 1"),
 ])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from workbench.config import ModelConfig, MoEConfig, preset, small, tiny
+from workbench.config import ModelConfig, MoEConfig, dense_baseline, preset, small, tiny
 from workbench.model import MoELM
 from workbench.moe import cpu_kernels
 
@@ -119,10 +119,25 @@ def test_dense_baseline_has_no_routing():
     assert cfg.num_active_params() == cfg.num_params()
 
 
-def test_tiny_dense_and_moe_have_equal_active_ffn_flops():
-    """The dense baseline is sized to the MoE's active expert FLOPs (top_k x expert_hidden)."""
-    for cfg in (tiny(), small()):
-        assert cfg.dense_hidden == cfg.moe.top_k * cfg.moe.expert_hidden
+def _counted_matmul_flops(cfg: ModelConfig) -> float:
+    """Forward + backward FLOPs per token that torch's FlopCounterMode sees (attention's SDPA aside)."""
+    model = MoELM(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len))
+    with FlopCounterMode(display=False) as counter, cpu_kernels.fused_cpu_kernel(False):
+        model(tokens, tokens).loss.backward()
+    counted = counter.get_flop_counts()["Global"]
+    return sum(v for k, v in counted.items() if "scaled_dot_product" not in str(k)) / tokens.numel()
+
+
+def test_dense_baseline_differs_from_the_moe_by_exactly_the_router_in_measured_flops():
+    """Counted, not computed from the config: the MoE (loop dispatch, every routed token counted
+    once per chosen expert) and its dense baseline differ by 6 x the router's matmul weights per
+    MoE layer; nothing else (the experts' active FLOPs are matched)."""
+    cfg = ModelConfig(seq_len=32, d_model=32, n_layers=2, n_heads=2, dense_hidden=64,
+                      moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=24, dispatch="loop"))
+    dense = dense_baseline(cfg)
+    router = 6 * len(cfg.moe_layers) * cfg.d_model * cfg.moe.num_experts
+    assert _counted_matmul_flops(cfg) - _counted_matmul_flops(dense) == router
 
 
 def test_padding_is_left_out_of_the_balancing_losses():

@@ -38,8 +38,18 @@ def test_environment_yml_installs_the_project_with_every_extra_and_the_makefile_
     assert torch_spec in pip
 
 
-def test_python_requirement_admits_3_10_and_3_11():
-    assert pyproject()["project"]["requires-python"] == ">=3.10"
+def test_python_requirement_admits_the_running_python_and_matches_the_linter_target():
+    """requires-python, ruff's target version and the interpreter that runs the tests agree: a
+    lower floor than ruff's target would let ruff accept syntax the oldest allowed Python lacks."""
+    from packaging.specifiers import SpecifierSet
+
+    project = pyproject()
+    spec = SpecifierSet(project["project"]["requires-python"])
+    assert f"{sys.version_info.major}.{sys.version_info.minor}" in spec
+    target = project["tool"]["ruff"]["target-version"]  # e.g. "py310"
+    floor = f"{target[2]}.{target[3:]}"
+    assert floor in spec
+    assert f"{target[2]}.{int(target[3:]) - 1}" not in spec
 
 
 def test_ci_runs_the_readme_test_command():

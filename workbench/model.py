@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from workbench.config import ModelConfig
@@ -53,12 +54,12 @@ class CausalSelfAttention(nn.Module):
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        B, S, D = x_BSD.shape
-        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        S = x_BSD.shape[1]
+        q, k, v = rearrange(self.qkv(x_BSD), "B S (qkv h d) -> qkv B h S d", qkv=3, h=self.n_heads)
         q, k = apply_rotary(q, cos[:S], sin[:S]), apply_rotary(k, cos[:S], sin[:S])
         y_BhSd = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                 dropout_p=self.dropout if self.training else 0.0)
-        return self.out(y_BhSd.transpose(1, 2).reshape(B, S, D))
+        return self.out(rearrange(y_BhSd, "B h S d -> B S (h d)"))
 
 
 class Block(nn.Module):

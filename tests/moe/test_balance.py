@@ -121,7 +121,7 @@ def test_bias_update_moves_load_toward_uniform():
     """Toy problem: a router that sends most tokens to two experts; 300 sign-rule steps fix it."""
     torch.manual_seed(0)
     E = 8
-    router = build_router(16, MoEConfig(router="sigmoid", num_experts=E, top_k=2))
+    router = build_router(16, MoEConfig(router="sigmoid", num_experts=E, top_k=2, bias_update_rate=0.01))
     with torch.no_grad():
         router.weight[:2] += 0.1  # experts 0 and 1 are preferred by everyone...
     x = torch.randn(2048, 16).abs()  # ...for these all-positive inputs

@@ -106,7 +106,7 @@ def test_noisy_topk_is_clean_in_eval_noisy_in_training_and_learns_its_noise():
 
 
 def test_sigmoid_bias_changes_selection_but_not_gate_values():
-    router = make("sigmoid", num_experts=8, top_k=2, route_scale=2.5)
+    router = make("sigmoid", num_experts=8, top_k=2, route_scale=2.5, bias_update_rate=1e-3)
     x = torch.randn(64, 16)
     before = router(x)
     router.bias[5] = 10.0  # expert 5 now wins every selection
@@ -120,15 +120,16 @@ def test_sigmoid_bias_changes_selection_but_not_gate_values():
     torch.testing.assert_close(after.weights_TK.sum(-1), torch.full((64,), 2.5))
 
 
-def test_sigmoid_bias_is_a_buffer_without_gradient():
-    router = make("sigmoid", num_experts=4, top_k=2)
-    assert "bias" in dict(router.named_buffers())
-    assert "bias" not in dict(router.named_parameters())
+def test_selection_bias_is_a_buffer_without_gradient_present_only_with_loss_free_balancing():
+    router = make("sigmoid", num_experts=4, top_k=2, bias_update_rate=1e-3)
+    assert "bias" in router.state_dict() and "bias" not in dict(router.named_parameters())
+    plain = make("sigmoid", num_experts=4, top_k=2)
+    assert plain.bias is None and "bias" not in plain.state_dict()
 
 
 def test_group_limited_routing_never_selects_outside_the_kept_groups():
     E, G, kept = 16, 4, 2
-    router = make("sigmoid", num_experts=E, top_k=4, num_groups=G, topk_groups=kept)
+    router = make("sigmoid", num_experts=E, top_k=4, num_groups=G, topk_groups=kept, bias_update_rate=1e-3)
     router.bias.copy_(torch.randn(E) * 0.1)
     x = torch.randn(300, 16)
     out = router(x)

@@ -1,7 +1,8 @@
 """The MoE layer and its parts: routers, experts, dispatch, balancing and metrics."""
 
 from workbench.moe.balance import router_z_loss, sequence_aux_loss, switch_aux_loss, update_router_bias
-from workbench.moe.dispatch import DISPATCHES, DispatchStats, expert_capacity, soft_dispatch
+from workbench.moe.config import MoEConfig
+from workbench.moe.dispatch import DISPATCHES, DispatchStats, build_dispatch, expert_capacity, soft_dispatch
 from workbench.moe.experts import SwiGLUExperts, SwiGLUMLP, grouped_matmul
 from workbench.moe.layer import MoELayer, RoutingInfo
 from workbench.moe.metrics import load_metrics, routing_metrics
@@ -10,13 +11,15 @@ from workbench.moe.routers import (
     CausalLeakWarning,
     Router,
     RouterOutput,
+    SoftmaxGatedRouter,
     SoftRouterOutput,
     build_router,
+    router_class,
 )
 
 __all__ = [
-    "DISPATCHES", "ROUTERS", "CausalLeakWarning", "DispatchStats", "MoELayer", "Router", "RouterOutput",
-    "RoutingInfo", "SoftRouterOutput", "SwiGLUExperts", "SwiGLUMLP", "build_router", "expert_capacity",
-    "grouped_matmul", "load_metrics", "router_z_loss", "routing_metrics", "sequence_aux_loss", "soft_dispatch",
-    "switch_aux_loss", "update_router_bias",
+    "DISPATCHES", "ROUTERS", "CausalLeakWarning", "DispatchStats", "MoEConfig", "MoELayer", "Router", "RouterOutput",
+    "RoutingInfo", "SoftRouterOutput", "SoftmaxGatedRouter", "SwiGLUExperts", "SwiGLUMLP", "build_dispatch",
+    "build_router", "expert_capacity", "grouped_matmul", "load_metrics", "router_class", "router_z_loss",
+    "routing_metrics", "sequence_aux_loss", "soft_dispatch", "switch_aux_loss", "update_router_bias",
 ]

@@ -33,6 +33,9 @@ from types import ModuleType
 import torch
 from torch.autograd.function import once_differentiable
 
+from workbench.moe.permutation import SortedPairs, combine, in_pair_order, sum_rows_per_token
+from workbench.moe.routers import RouterOutput
+
 _SOURCE = Path(__file__).parent / "csrc" / "swiglu_experts_cpu.cpp"
 _ENV_SWITCH = "WORKBENCH_FUSED_CPU"
 
@@ -54,10 +57,18 @@ def fused_cpu_kernel(enabled: bool) -> Iterator[None]:
 
 
 def _extension_name() -> str:
-    # one build per torch version (an extension only fits the torch it was built against) and source
+    """One build per environment, torch version and kernel source.
+
+    An extension only fits the torch it was built against, and torch's build file records the
+    absolute paths of the environment (its include and library folders): two virtual
+    environments sharing one build folder would each find the other's build stale and rebuild
+    in turn, while every other process waited on the build lock. So the interpreter prefix is
+    part of the key, and clones that share an environment (and a source) share one build.
+    """
     source_hash = hashlib.sha1(_SOURCE.read_bytes()).hexdigest()[:10]
+    env_hash = hashlib.sha1(os.path.realpath(sys.prefix).encode()).hexdigest()[:8]
     torch_version = re.sub(r"\W", "_", torch.__version__)
-    return f"workbench_swiglu_cpu_{torch_version}_{source_hash}"
+    return f"workbench_swiglu_cpu_{torch_version}_{source_hash}_env{env_hash}"
 
 
 def _remove_stale_lock(lock: Path, max_age_s: float = 600.0) -> None:
@@ -84,11 +95,11 @@ def load_kernel() -> ModuleType | None:
         build_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
         if not (build_dir / f"{name}.so").exists():
             print(f"workbench: building the fused CPU expert kernel in {build_dir} "
-                  "(once per torch version and kernel source, about 30 s)", file=sys.stderr, flush=True)
+                  "(once per environment, torch version and kernel source, about 30 s)", file=sys.stderr, flush=True)
         try:
             build_dir.mkdir(parents=True, exist_ok=True)
             # Compile a copy kept in the build folder: its path is the same for every checkout
-            # with this source, so two clones share one build instead of rebuilding in turn.
+            # with this source, so two clones in one environment share one build.
             _remove_stale_lock(build_dir / "lock")
             source = build_dir / _SOURCE.name
             if not source.exists():
@@ -143,6 +154,20 @@ class _FusedSwiGLUExperts(torch.autograd.Function):
         return grad_x_ND, *grad_weights, None
 
 
+def fused_sorted_applies(x_TD: torch.Tensor, routing: RouterOutput, experts: torch.nn.Module) -> bool:
+    """Whether the sorted dispatch hands its permute, experts and combine to ``fused_sorted_experts``:
+    on CPU (``fused_kernel_applies``), for routing without padding slots (not expert choice)."""
+    return routing.mask_TK is None and fused_kernel_applies(x_TD, experts.w1)
+
+
+def fused_sorted_experts(x_TD: torch.Tensor, weights_TK: torch.Tensor, experts: torch.nn.Module,
+                         pairs: SortedPairs) -> torch.Tensor:
+    """(T, D): ``y_t = sum_k w_tk * expert_{e_tk}(x_t)`` in one op, rows sorted as ``pairs`` says."""
+    return _FusedSortedExperts.apply(x_TD.contiguous(), weights_TK.contiguous(), experts.w1.contiguous(),
+                                     experts.w3.contiguous(), experts.w2.contiguous(), pairs.sorted_to_pair_N,
+                                     pairs.pair_to_sorted_N, pairs.counts)
+
+
 def require_kernel() -> ModuleType:
     """The built extension; raises where it is not available (check ``fused_kernel_applies`` first)."""
     kernel = load_kernel()
@@ -158,3 +183,37 @@ def fused_swiglu_experts(x_ND: torch.Tensor, w1_EDH: torch.Tensor, w3_EDH: torch
     tensors = [t.contiguous() for t in (x_ND, w1_EDH, w3_EDH, w2_EHD)]
     return _FusedSwiGLUExperts.apply(*tensors, [int(c) for c in counts])
 
+
+class _FusedSortedExperts(torch.autograd.Function):
+    """Permute, experts, un-permute and combine in one op, with the fused CPU kernel.
+
+    Row n of the experts' input is token ``sorted_to_pair[n] // K``; the kernel gathers each
+    thread's rows itself, and its backward gathers the output gradient, weights it and computes
+    the routing weights' gradient in the same pass (what ``permutation.permute`` and
+    ``permutation.unpermute_combine`` do in separate steps), so no sorted copy of x or of the gradient is
+    written to memory. Every pair must be a real assignment (no slot mask).
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, weights_TK, w1_EDH, w3_EDH, w2_EHD, sorted_to_pair_N, pair_to_sorted_N, counts):
+        token_of_row_N = sorted_to_pair_N // weights_TK.shape[1]
+        out_sorted_ND, gate_NH, up_NH = require_kernel().swiglu_experts_forward(
+            x_TD, token_of_row_N, w1_EDH, w3_EDH, w2_EHD, counts)
+        ctx.save_for_backward(x_TD, weights_TK, sorted_to_pair_N, pair_to_sorted_N, token_of_row_N, out_sorted_ND,
+                              gate_NH, up_NH, w1_EDH, w3_EDH, w2_EHD)
+        ctx.counts = counts
+        return combine(out_sorted_ND, pair_to_sorted_N.view_as(weights_TK), weights_TK)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_TD):
+        (x_TD, weights_TK, sorted_to_pair_N, pair_to_sorted_N, token_of_row_N, out_sorted_ND, gate_NH, up_NH,
+         w1_EDH, w3_EDH, w2_EHD) = ctx.saved_tensors
+        weight_of_row_N = weights_TK.flatten().index_select(0, sorted_to_pair_N).to(x_TD.dtype)
+        grad_rows_ND, grad_weight_of_row_N, *grad_expert_weights = require_kernel().swiglu_experts_backward(
+            grad_TD.contiguous(), x_TD, token_of_row_N, weight_of_row_N, out_sorted_ND, gate_NH, up_NH,
+            w1_EDH, w3_EDH, w2_EHD, ctx.counts)
+        grad_x_TD = sum_rows_per_token(grad_rows_ND, pair_to_sorted_N, weights_TK.shape[1])
+        grad_weights_TK = (in_pair_order(grad_weight_of_row_N, sorted_to_pair_N)
+                           .view_as(weights_TK).to(weights_TK.dtype))
+        return grad_x_TD, grad_weights_TK, *grad_expert_weights, None, None, None

@@ -12,10 +12,13 @@ Three implementations of that one function, selected by name from ``DISPATCHES``
   and run every expert in one grouped GEMM over the jagged groups.
 
 ``capacity`` and ``sorted`` are written as three separable steps (permute, expert compute,
-un-permute and combine) so that an all-to-all can later go between them. On CPU, where no
-all-to-all goes between them, ``sorted`` runs the three as one fused op
-(``_FusedSortedExperts``) and ``capacity`` runs its experts with the same kernel;
-both are tested against ``loop`` with the kernel on and off.
+un-permute and combine; ``workbench.moe.permutation``) so that an all-to-all can go between
+them. On CPU, where nothing goes between them, one guard in ``sorted_dispatch`` hands the three
+to the fused kernel of ``workbench.moe.cpu_kernels`` as one op, and ``capacity`` runs its
+experts with the same kernel; both are tested against ``loop`` with the kernel on and off.
+
+``build_dispatch`` binds a dispatch's options (capacity factor, drop policy) when the layer is
+built, so ``MoELayer.forward`` makes one call with no branches on the config.
 
 Masked routing (expert choice): where ``routing.mask_TK`` is given, a False slot is padding: it
 is not computed, not counted and claims no capacity, and its weight gets no gradient. The
@@ -34,14 +37,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
+from einops import rearrange
 
 from workbench.moe import cpu_kernels
 from workbench.moe.experts import SwiGLUExperts
+from workbench.moe.permutation import combine, permute, sort_pairs_by_expert, unpermute_combine
 from workbench.moe.routers import RouterOutput, SoftRouterOutput
+from workbench.validation import check, check_choice
+
+if TYPE_CHECKING:
+    from workbench.moe.config import MoEConfig
 
 
 @dataclass
@@ -63,23 +72,6 @@ def assignments_per_expert(routing: RouterOutput, num_experts: int) -> torch.Ten
     ids_TK = routing.expert_ids_TK
     valid_ids = ids_TK.flatten() if routing.mask_TK is None else ids_TK[routing.mask_TK]
     return torch.bincount(valid_ids, minlength=num_experts)
-
-
-def combine(rows_RD: torch.Tensor, row_of_pair_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-    """y_t = sum_k w_tk * rows[row_of_pair[t, k]]: gather each token's K expert outputs and
-    weight them, fused in one pass by ``embedding_bag`` (bag t holds token t's K rows)."""
-    return F.embedding_bag(row_of_pair_TK, rows_RD, per_sample_weights=weights_TK.to(rows_RD.dtype), mode="sum")
-
-
-def _sum_rows_per_token(rows_ND: torch.Tensor, pair_to_sorted_N: torch.Tensor, K: int) -> torch.Tensor:
-    """(T, D): each token's K rows (pair t*K + k sits at row pair_to_sorted[t*K + k]) summed,
-    gathered and added in one fused ``embedding_bag`` pass."""
-    return F.embedding_bag(pair_to_sorted_N.view(-1, K), rows_ND, mode="sum")
-
-
-def _in_pair_order(sorted_N: torch.Tensor, sorted_to_pair_N: torch.Tensor) -> torch.Tensor:
-    """Undo the sort of a per-pair value: ``out[sorted_to_pair[n]] = sorted[n]``."""
-    return torch.empty_like(sorted_N).index_copy_(0, sorted_to_pair_N, sorted_N)
 
 
 # --- loop: the reference ------------------------------------------------------------------
@@ -104,127 +96,29 @@ def loop_dispatch(x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLUExpe
 # --- sorted: dropless, one grouped GEMM ----------------------------------------------------
 
 
-class _GatherPairs(torch.autograd.Function):
-    """``x[sorted_to_pair[:n] // K]``: each valid pair's token row, in sorted order.
-
-    Autograd's own backward of that gather scatters into zeros; a permutation has an inverse,
-    so this one gathers instead: each pair's gradient by ``pair_to_sorted`` (padding pairs
-    read a zero row), then the K copies of a token are summed.
-    """
-
-    @staticmethod
-    def forward(ctx, x_TD, sorted_to_pair_N, pair_to_sorted_N, num_valid, K):
-        ctx.save_for_backward(pair_to_sorted_N)
-        ctx.K, ctx.pad = K, pair_to_sorted_N.numel() - num_valid
-        return x_TD.index_select(0, sorted_to_pair_N[:num_valid] // K)
-
-    @staticmethod
-    def backward(ctx, grad_sorted_ND):
-        (pair_to_sorted_N,) = ctx.saved_tensors
-        if ctx.pad:
-            grad_sorted_ND = torch.cat([grad_sorted_ND, grad_sorted_ND.new_zeros(ctx.pad, grad_sorted_ND.shape[1])])
-        return _sum_rows_per_token(grad_sorted_ND, pair_to_sorted_N, ctx.K), None, None, None, None
-
-
-class _UnpermuteCombine(torch.autograd.Function):
-    """``y_t = sum_k w_tk * out[pair_to_sorted[t, k]]``: un-permute and combine in one step.
-
-    The backward writes the output gradient straight into sorted order (the upstream row of
-    each sorted pair's token, times its weight), instead of scattering into zeros.
-    """
-
-    @staticmethod
-    def forward(ctx, out_sorted_ND, weights_TK, sorted_to_pair_N, pair_to_sorted_N):
-        ctx.save_for_backward(out_sorted_ND, weights_TK, sorted_to_pair_N)
-        return combine(out_sorted_ND, pair_to_sorted_N.view_as(weights_TK), weights_TK)
-
-    @staticmethod
-    def backward(ctx, grad_TD):
-        out_sorted_ND, weights_TK, sorted_to_pair_N = ctx.saved_tensors
-        K = weights_TK.shape[1]
-        grad_sorted_ND = grad_TD.index_select(0, sorted_to_pair_N // K)  # each sorted pair's upstream row
-        grad_weights = None
-        if ctx.needs_input_grad[1]:
-            grad_w_sorted = (grad_sorted_ND * out_sorted_ND).sum(dim=1)
-            grad_weights = _in_pair_order(grad_w_sorted, sorted_to_pair_N).view_as(weights_TK).to(weights_TK.dtype)
-        w_sorted = weights_TK.flatten().index_select(0, sorted_to_pair_N).to(grad_sorted_ND.dtype)
-        return grad_sorted_ND.mul_(w_sorted.unsqueeze(1)), grad_weights, None, None
-
-
-class _FusedSortedExperts(torch.autograd.Function):
-    """Permute, experts, un-permute and combine in one op, with the fused CPU kernel.
-
-    Row n of the experts' input is token ``sorted_to_pair[n] // K``; the kernel gathers each
-    thread's rows itself, and its backward gathers the output gradient, weights it and computes
-    the routing weights' gradient in the same pass (what ``_GatherPairs`` and
-    ``_UnpermuteCombine`` do in separate steps), so no sorted copy of x or of the gradient is
-    written to memory. Every pair must be a real assignment (no slot mask).
-    """
-
-    @staticmethod
-    def forward(ctx, x_TD, weights_TK, w1_EDH, w3_EDH, w2_EHD, sorted_to_pair_N, pair_to_sorted_N, counts):
-        token_of_row_N = sorted_to_pair_N // weights_TK.shape[1]
-        out_sorted_ND, gate_NH, up_NH = cpu_kernels.require_kernel().swiglu_experts_forward(
-            x_TD, token_of_row_N, w1_EDH, w3_EDH, w2_EHD, counts)
-        ctx.save_for_backward(x_TD, weights_TK, sorted_to_pair_N, pair_to_sorted_N, token_of_row_N, out_sorted_ND,
-                              gate_NH, up_NH, w1_EDH, w3_EDH, w2_EHD)
-        ctx.counts = counts
-        return combine(out_sorted_ND, pair_to_sorted_N.view_as(weights_TK), weights_TK)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_TD):
-        (x_TD, weights_TK, sorted_to_pair_N, pair_to_sorted_N, token_of_row_N, out_sorted_ND, gate_NH, up_NH,
-         w1_EDH, w3_EDH, w2_EHD) = ctx.saved_tensors
-        weight_of_row_N = weights_TK.flatten().index_select(0, sorted_to_pair_N).to(x_TD.dtype)
-        grad_rows_ND, grad_weight_of_row_N, *grad_expert_weights = cpu_kernels.require_kernel().swiglu_experts_backward(
-            grad_TD.contiguous(), x_TD, token_of_row_N, weight_of_row_N, out_sorted_ND, gate_NH, up_NH,
-            w1_EDH, w3_EDH, w2_EHD, ctx.counts)
-        grad_x_TD = _sum_rows_per_token(grad_rows_ND, pair_to_sorted_N, weights_TK.shape[1])
-        grad_weights_TK = (_in_pair_order(grad_weight_of_row_N, sorted_to_pair_N)
-                           .view_as(weights_TK).to(weights_TK.dtype))
-        return grad_x_TD, grad_weights_TK, *grad_expert_weights, None, None, None
-
-
 def sorted_dispatch(x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLUExperts) -> tuple[
         torch.Tensor, DispatchStats]:
-    T, K = routing.expert_ids_TK.shape
-    E = experts.num_experts
-    expert_of_pair_N = routing.expert_ids_TK.flatten()
-    if routing.mask_TK is not None:
-        # padding pairs join a group E after every expert: sorted last, never computed
-        expert_of_pair_N = expert_of_pair_N.masked_fill(~routing.mask_TK.flatten(), E)
-    # permute: a stable sort groups the pairs by expert, tokens in order within a group
-    sorted_to_pair_N = expert_of_pair_N.argsort(stable=True)
-    pair_to_sorted_N = torch.empty_like(sorted_to_pair_N)
-    pair_to_sorted_N[sorted_to_pair_N] = torch.arange(T * K, device=x_TD.device)
-    tokens_per_expert = torch.bincount(expert_of_pair_N, minlength=E)
-    if routing.mask_TK is not None:
-        tokens_per_expert = tokens_per_expert[:E]
-    counts = tokens_per_expert.tolist()
-    num_valid = sum(counts)
-    if routing.mask_TK is None and cpu_kernels.fused_kernel_applies(x_TD, experts.w1):
-        # CPU: the three steps below in one fused op (the permutation never materialises)
-        y_TD = _FusedSortedExperts.apply(x_TD.contiguous(), routing.weights_TK.contiguous(), experts.w1, experts.w3,
-                                         experts.w2, sorted_to_pair_N, pair_to_sorted_N, counts)
-        return y_TD, DispatchStats.dropless(tokens_per_expert)
-    x_sorted_ND = _GatherPairs.apply(x_TD, sorted_to_pair_N, pair_to_sorted_N, num_valid, K)
+    pairs = sort_pairs_by_expert(routing, experts.num_experts)
+    stats = DispatchStats.dropless(pairs.tokens_per_expert)
+    if cpu_kernels.fused_sorted_applies(x_TD, routing, experts):
+        # CPU: the three steps below as one op, the permutation folded into the expert kernel
+        return cpu_kernels.fused_sorted_experts(x_TD, routing.weights_TK, experts, pairs), stats
 
-    # expert compute: one grouped GEMM per weight matrix over the jagged groups
-    out_sorted_ND = experts.forward_grouped(x_sorted_ND, counts)
-    if num_valid < T * K:  # padding pairs read zero rows
-        out_sorted_ND = torch.cat([out_sorted_ND, out_sorted_ND.new_zeros(T * K - num_valid, x_TD.shape[1])])
-
-    # un-permute (the inverse permutation) and combine
-    y_TD = _UnpermuteCombine.apply(out_sorted_ND, routing.weights_TK, sorted_to_pair_N, pair_to_sorted_N)
-    return y_TD, DispatchStats.dropless(tokens_per_expert)
+    x_sorted_ND = permute(x_TD, pairs)  # permute: token rows grouped by expert
+    out_sorted_ND = experts.forward_grouped(x_sorted_ND, pairs.counts)  # experts: one grouped GEMM
+    return unpermute_combine(out_sorted_ND, routing.weights_TK, pairs), stats  # un-permute and combine
 
 
 # --- capacity: fixed slots per expert, overflow dropped ---------------------------------
 
 
-def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
-    """C = ceil(capacity_factor * T * K / E) (Switch Transformer eq. 3, with k slots per token)."""
+def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float | None) -> int:
+    """C = ceil(capacity_factor * T * K / E) (Switch Transformer eq. 3, with k slots per token).
+
+    ``None`` never drops: C = T, since a token sends at most one of its K pairs to an expert.
+    """
+    if capacity_factor is None:
+        return max(1, num_tokens)
     return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
 
 
@@ -240,14 +134,16 @@ def _pair_priority(routing: RouterOutput, drop_policy: str) -> torch.Tensor:
         return torch.arange(T * K, device=routing.expert_ids_TK.device).view(T, K).t().flatten()
     if drop_policy == "score":
         return routing.weights_TK.flatten().argsort(descending=True, stable=True)
-    raise ValueError(f"drop_policy={drop_policy!r} is invalid: allowed values are position, score")
+    check_choice("drop_policy", drop_policy, ("position", "score"))
+    raise AssertionError("unreachable")
 
 
 def capacity_dispatch(x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLUExperts, *,
-                      capacity_factor: float = 1.25, drop_policy: str = "position") -> tuple[
+                      capacity_factor: float | None = 1.25, drop_policy: str = "position") -> tuple[
         torch.Tensor, DispatchStats]:
-    if capacity_factor <= 0:
-        raise ValueError(f"capacity_factor={capacity_factor!r} is invalid: must be > 0")
+    """GShard-style slots: C per expert (``expert_capacity``; ``capacity_factor=None`` never drops)."""
+    check(capacity_factor is None or (math.isfinite(capacity_factor) and capacity_factor > 0), "capacity_factor",
+          "must be a finite number > 0, or None to never drop", capacity_factor)
     T, K = routing.expert_ids_TK.shape
     E, D = experts.num_experts, x_TD.shape[1]
     mask_N = None if routing.mask_TK is None else routing.mask_TK.flatten()
@@ -257,7 +153,7 @@ def capacity_dispatch(x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLU
         C = expert_capacity(T, K, E, capacity_factor)
     else:
         # C from the real assignments: ceil(capacity_factor * (real pairs) / E)
-        C = max(1, math.ceil(capacity_factor * int(mask_N.sum()) / E))
+        C = T if capacity_factor is None else max(1, math.ceil(capacity_factor * int(mask_N.sum()) / E))
         group_of_pair_N = expert_of_pair_N.masked_fill(~mask_N, E)
     tokens_per_group = torch.bincount(group_of_pair_N, minlength=E)
     tokens_per_expert = tokens_per_group if mask_N is None else tokens_per_group[:E]
@@ -279,11 +175,11 @@ def capacity_dispatch(x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLU
     slot_N = expert_of_pair_N * C + rank_N.clamp(max=C - 1)
     buffer_ND = x_TD.new_zeros(E * C, D).index_copy(0, slot_N[kept_pairs], x_TD[kept_pairs // K])
 
-    out_ECD = experts.forward_batched(buffer_ND.view(E, C, D))
+    out_ECD = experts.forward_batched(rearrange(buffer_ND, "(e c) d -> e c d", e=E))
 
     # un-permute: a dropped pair reads some slot but gets weight 0, so it adds nothing
     weights_TK = routing.weights_TK * kept_N.view(T, K)
-    y_TD = combine(out_ECD.view(E * C, D), slot_N.view(T, K), weights_TK)
+    y_TD = combine(rearrange(out_ECD, "e c d -> (e c) d"), slot_N.view(T, K), weights_TK)
 
     kept_per_expert = tokens_per_expert.clamp(max=C)
     if mask_N is None:
@@ -340,13 +236,12 @@ def soft_dispatch(x_TD: torch.Tensor, routing: SoftRouterOutput, experts: SwiGLU
     B, S = batch_shape if batch_shape is not None else (1, T)
     E = experts.num_experts
     L = routing.slot_logits_TL.shape[1]
-    slots = L // E
     dispatch_BSL, combine_BSL = soft_mixing_weights(routing.slot_logits_TL.view(B, S, L), padding_mask_BS)
     x_BSD = x_TD.view(B, S, D)
     slots_BLD = torch.einsum("bsl,bsd->bld", dispatch_BSL.to(x_TD.dtype), x_BSD)
-    # expert e's slots of every sequence in one row block: (E, B * slots, D)
-    slots_ERD = slots_BLD.view(B, E, slots, D).transpose(0, 1).reshape(E, B * slots, D)
-    out_BLD = experts.forward_batched(slots_ERD).view(E, B, slots, D).transpose(0, 1).reshape(B, L, D)
+    # expert e's slots of every sequence in one row block, run as one batch per expert
+    slots_ERD = rearrange(slots_BLD, "b (e j) d -> e (b j) d", e=E)
+    out_BLD = rearrange(experts.forward_batched(slots_ERD), "e (b j) d -> b (e j) d", b=B)
     y_BSD = torch.einsum("bsl,bld->bsd", combine_BSL.to(out_BLD.dtype), out_BLD)
     return y_BSD.reshape(T, D), DispatchStats.dropless(assignments_per_expert(routing, E))
 
@@ -357,3 +252,27 @@ DISPATCHES: dict[str, Dispatch] = {
     "capacity": capacity_dispatch,
     "sorted": sorted_dispatch,
 }
+
+
+def _route_each_token(dispatch: Dispatch, x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLUExperts,
+                      batch_shape: tuple[int, int], padding_mask_BS: torch.Tensor | None) -> tuple[
+        torch.Tensor, DispatchStats]:
+    # A token-choice dispatch treats every token on its own: the sequence layout does not enter.
+    return dispatch(x_TD, routing, experts)
+
+
+def build_dispatch(cfg: MoEConfig, mixes_tokens: bool = False) -> Dispatch:
+    """The layer's dispatch with its options bound: ``fn(x_TD, routing, experts, batch_shape,
+    padding_mask_BS) -> (y_TD, DispatchStats)``.
+
+    A router that mixes tokens (soft MoE) takes ``soft_dispatch``, which needs the (B, S)
+    layout and the padding mask, whatever ``cfg.dispatch`` says; the token dispatches take
+    their options from the config (``capacity``: ``capacity_factor`` and ``drop_policy``).
+    """
+    if mixes_tokens:
+        return soft_dispatch
+    check_choice("dispatch", cfg.dispatch, DISPATCHES)
+    dispatch = DISPATCHES[cfg.dispatch]
+    if dispatch is capacity_dispatch:
+        dispatch = partial(capacity_dispatch, capacity_factor=cfg.capacity_factor, drop_policy=cfg.drop_policy)
+    return partial(_route_each_token, dispatch)

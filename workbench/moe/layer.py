@@ -1,10 +1,10 @@
 """The MoE feed-forward layer: router -> dispatch -> experts -> combine (+ shared experts).
 
-Every router in ``ROUTERS`` plugs in unchanged. Two cases are settled at construction, not in
-``forward``: expert choice's padded slots (``RouterOutput.mask_TK``) are honoured by every
-dispatch and balancing loss, and a router that mixes tokens (soft MoE) takes
-``soft_dispatch`` instead of ``MoEConfig.dispatch``; that dispatch alone needs the (B, S)
-layout and the padding mask, because it mixes the tokens of a sequence.
+Every router in ``ROUTERS`` plugs in unchanged. What the config decides is settled at
+construction, not in ``forward``: the dispatch comes with its options bound
+(``build_dispatch``; a router that mixes tokens, soft MoE, takes ``soft_dispatch``, which alone
+reads the (B, S) layout and the padding mask), and expert choice's padded slots
+(``RouterOutput.mask_TK``) are honoured by every dispatch and balancing loss.
 
 Shape legend: B batch, S sequence, T = B*S tokens, D model dim, E experts, K experts per token.
 """
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from workbench.config import MoEConfig
 from workbench.moe import balance
-from workbench.moe.dispatch import DISPATCHES, DispatchStats, soft_dispatch
+from workbench.moe.config import MoEConfig
+from workbench.moe.dispatch import DispatchStats, build_dispatch
 from workbench.moe.experts import SwiGLUExperts, SwiGLUMLP
 from workbench.moe.routers import RouterOutput, build_router
 
@@ -42,23 +42,17 @@ class MoELayer(nn.Module):
     def __init__(self, d_model: int, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg
-        if cfg.dispatch not in DISPATCHES:
-            raise ValueError(f"dispatch={cfg.dispatch!r} is invalid: allowed values are {', '.join(DISPATCHES)}")
         self.router = build_router(d_model, cfg)
         self.experts = SwiGLUExperts(cfg.num_experts, d_model, cfg.expert_hidden)
-        self.dispatch = DISPATCHES[cfg.dispatch]
-        self.dispatch_kwargs = (
-            {"capacity_factor": cfg.capacity_factor, "drop_policy": cfg.drop_policy}
-            if cfg.dispatch == "capacity" else {}
-        )
-        if self.router.mixes_tokens:  # soft MoE mixes tokens into slots: its own dispatch, cfg.dispatch unused
-            self.dispatch, self.dispatch_kwargs = soft_dispatch, {}
+        self.dispatch = build_dispatch(cfg, mixes_tokens=self.router.mixes_tokens)
         self.shared_experts = SwiGLUMLP(d_model, cfg.shared_hidden) if cfg.shared_hidden else None
         # Qwen2-MoE gates the shared expert per token with sigmoid(x . w_g).
-        self.shared_gate = (nn.Linear(d_model, 1, bias=False)
-                            if cfg.shared_hidden and cfg.shared_expert_gate else None)
-        # Assignments counted since the last bias update (loss-free balancing); not a parameter.
-        self.register_buffer("load_since_update", torch.zeros(cfg.num_experts), persistent=True)
+        self.shared_gate = nn.Linear(d_model, 1, bias=False) if cfg.shared_expert_gate else None
+        self.counts_load = cfg.bias_update_rate > 0
+        # Assignments counted since the last bias update (loss-free balancing). Training-only state
+        # that is zero at every optimizer step boundary (where checkpoints are written), so it is
+        # not part of the state dict: a plain state dict loads with strict=True.
+        self.register_buffer("load_since_update", torch.zeros(cfg.num_experts), persistent=False)
 
     def forward(self, x_BSD: torch.Tensor, token_ids_BS: torch.Tensor | None = None,
                 padding_mask_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, RoutingInfo]:
@@ -66,10 +60,7 @@ class MoELayer(nn.Module):
         x_TD = x_BSD.reshape(B * S, D)
         token_ids_T = None if token_ids_BS is None else token_ids_BS.reshape(-1)
         routing = self.router(x_TD, token_ids_T)
-        kwargs = self.dispatch_kwargs
-        if self.router.mixes_tokens:  # slots mix the tokens of one sequence, never of the batch
-            kwargs = {"batch_shape": (B, S), "padding_mask_BS": padding_mask_BS}
-        y_TD, stats = self.dispatch(x_TD, routing, self.experts, **kwargs)
+        y_TD, stats = self.dispatch(x_TD, routing, self.experts, batch_shape=(B, S), padding_mask_BS=padding_mask_BS)
 
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)
@@ -77,7 +68,7 @@ class MoELayer(nn.Module):
                 shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD))
             y_TD = y_TD + shared_TD
 
-        if self.training and self.cfg.bias_update_rate > 0:
+        if self.training and self.counts_load:
             self.load_since_update += stats.tokens_per_expert.to(self.load_since_update.dtype)
 
         losses, weighted = self._balance_losses(routing, (B, S), padding_mask_BS)

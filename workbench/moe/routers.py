@@ -27,7 +27,18 @@ name               selects                                     gate (combine wei
 experts, renormalised over the k when ``normalize_topk`` (so the gate is 1 for k=1). The routers
 whose selection ignores the logits (hash, uniform, random) keep that gate so that the router
 still runs, costs the same FLOPs and gets a gradient from the LM loss, and a comparison with
-``softmax_topk`` changes only the selection.
+``softmax_topk`` changes only the selection. ``SoftmaxGatedRouter`` does that softmax and those
+gates once; its subclasses say only how they select.
+
+Options every router honours where they make sense, and refuses (``check_config``) where not:
+``normalize_topk`` (the renormalisation rule lives in ``Router.gates``; ``None`` takes the
+router's published default), ``route_scale`` (gates times a constant, as DeepSeek-V2/V3 do),
+``router_jitter`` (Switch's multiplicative input noise in training), ``bias_update_rate``
+(routers with a selection bias only), ``num_groups`` (group-limited routing, sigmoid only).
+
+A new router is one class plus one registry line: the class states its facts (parameters,
+matmul weights, experts per token, token-mixing work, fixed top-k, selection bias) as class
+attributes and classmethods, and ``MoEConfig`` and ``ModelConfig`` ask the registry for them.
 
 Two routers stretch the contract, both documented on the classes:
 
@@ -54,12 +65,16 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workbench.config import MoEConfig
+from workbench.validation import check, check_choice
+
+if TYPE_CHECKING:
+    from workbench.moe.config import MoEConfig
 
 
 @dataclass
@@ -101,12 +116,10 @@ def _warn_causal_leak(name: str, how: str, fix: str) -> None:
     )
 
 
-def _probability_gates(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """Gates of chosen experts: their softmax probability, renormalised over the k if ``normalize``."""
-    weights_TK = probs_TE.gather(1, expert_ids_TK)
-    if normalize:
-        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-    return weights_TK
+# Added to the sum of the selected gates before renormalising: when every selected score
+# underflows to 0 (sigmoid logits below about -104) the gates become 0, not 0/0 = NaN, as in
+# Hugging Face's DeepSeek-V3 block; next to a sum of order 1 it changes nothing in fp32.
+_GATE_SUM_FLOOR = 1e-20
 
 
 class Router(nn.Module):
@@ -114,91 +127,161 @@ class Router(nn.Module):
 
     ``weight`` is always the router's input projection, (rows, D): the expert logits for most
     routers, a low-dimensional projection for ``cosine``, the slot logits for ``soft_moe``.
+
+    The class attributes and classmethods below are the router's facts, read by ``MoEConfig``
+    (validation) and ``ModelConfig`` (exact parameter and FLOP counts) without building it.
     """
 
-    mixes_tokens: bool = False  # True for soft MoE: MoELayer dispatches with soft_dispatch
+    # --- facts about the router type --------------------------------------------------------
+    mixes_tokens: ClassVar[bool] = False  # soft MoE: MoELayer dispatches with soft_dispatch
+    has_selection_bias: ClassVar[bool] = False  # selects by score + bias: loss-free balancing applies
+    supports_expert_groups: ClassVar[bool] = False  # group-limited routing (num_groups > 1)
+    supports_route_scale: ClassVar[bool] = True
+    fixed_top_k: ClassVar[int | None] = None  # the router routes to exactly this many experts
+    # normalize_topk=None takes this; None here: the router has no top-k renormalisation to switch
+    default_normalize_topk: ClassVar[bool | None] = True
 
+    @classmethod
+    def gate_rows(cls, cfg: MoEConfig) -> int:
+        """Output rows of the linear gate ``weight``."""
+        return cfg.num_experts
+
+    @classmethod
+    def num_params(cls, d_model: int, cfg: MoEConfig) -> int:
+        """Parameters of one router; equals ``sum(p.numel() for p in router.parameters())``."""
+        return cls.gate_rows(cfg) * d_model
+
+    @classmethod
+    def num_matmul_params(cls, d_model: int, cfg: MoEConfig) -> int:
+        """Multiply-accumulates per token of the router's forward (its matmul weights)."""
+        return cls.num_params(d_model, cfg)
+
+    @classmethod
+    def experts_per_token(cls, cfg: MoEConfig, seq_len: int) -> float:
+        """Expert passes per token, on average, at full-length sequences."""
+        return float(cfg.top_k)
+
+    @classmethod
+    def token_mixing_macs(cls, cfg: MoEConfig, d_model: int) -> int:
+        """Multiply-accumulates per token that mix tokens with each other (soft MoE's slots)."""
+        return 0
+
+    @classmethod
+    def check_config(cls, name: str, cfg: MoEConfig) -> None:
+        """Refuse the options this router cannot honour (``ValueError`` naming the field)."""
+        if cls.fixed_top_k is not None:
+            check(cfg.top_k == cls.fixed_top_k, "top_k", f"router={name!r} routes each token to "
+                  f"{cls.fixed_top_k} expert{'s' if cls.fixed_top_k > 1 else ''}", cfg.top_k)
+        if cfg.bias_update_rate > 0:
+            biased = [n for n, c in ROUTERS.items() if c.has_selection_bias]
+            check(cls.has_selection_bias, "router", "loss-free balancing (bias_update_rate > 0) needs a router "
+                  "with a selection bias: " + ", ".join(biased), name)
+        if cfg.num_groups > 1:
+            grouped = [n for n, c in ROUTERS.items() if c.supports_expert_groups]
+            check(cls.supports_expert_groups, "num_groups",
+                  "group-limited routing needs router=" + " or ".join(repr(n) for n in grouped), cfg.num_groups)
+        if cfg.normalize_topk is not None and cls.default_normalize_topk is None:
+            check(False, "normalize_topk", f"router={name!r} has no top-k renormalisation: leave it None",
+                  cfg.normalize_topk)
+        if cfg.route_scale != 1.0:
+            check(cls.supports_route_scale, "route_scale", f"router={name!r} has no gates to scale: must be 1.0",
+                  cfg.route_scale)
+
+    # --- the module -------------------------------------------------------------------------
     def __init__(self, d_model: int, cfg: MoEConfig):
         super().__init__()
         self.num_experts = cfg.num_experts
         self.top_k = cfg.top_k
+        self.normalize_topk = (self.default_normalize_topk if cfg.normalize_topk is None
+                               else cfg.normalize_topk)
+        self.route_scale = float(cfg.route_scale)
+        self.jitter = float(cfg.router_jitter)
         self.weight = nn.Parameter(torch.empty(self.gate_rows(cfg), d_model))
         nn.init.normal_(self.weight, std=d_model**-0.5)
-
-    @staticmethod
-    def gate_rows(cfg: MoEConfig) -> int:
-        return cfg.num_experts
+        # Loss-free balancing state: a buffer, never a gradient, only where it is used (so a
+        # plain state dict of a model without it loads with strict=True).
+        uses_bias = self.has_selection_bias and cfg.bias_update_rate > 0
+        self.register_buffer("bias", torch.zeros(cfg.num_experts) if uses_bias else None)
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> RouterOutput:
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = self.gate_logits(self.prepare_input(x_TD).float())
-            return self.route(logits_TE)
+            x32_TD = self.jittered(x_TD).float()
+            out = self.route(x32_TD, self.gate_logits(x32_TD), token_ids_T)
+        if self.route_scale != 1.0:
+            out.weights_TK = out.weights_TK * self.route_scale
+        return out
 
-    def prepare_input(self, x_TD: torch.Tensor) -> torch.Tensor:
+    def jittered(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """Switch Transformer's jitter (Fedus et al. 2021, section 2.4): in training, the router
+        input times U(1 - eps, 1 + eps) noise, eps = ``router_jitter``; the experts see clean x."""
+        if self.training and self.jitter > 0:
+            return x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         return x_TD
 
     def gate_logits(self, x32_TD: torch.Tensor) -> torch.Tensor:
         return F.linear(x32_TD, self.weight.float())
 
-    def route(self, logits_TE: torch.Tensor) -> RouterOutput:
+    def route(self, x32_TD: torch.Tensor, logits_TE: torch.Tensor,
+              token_ids_T: torch.Tensor | None) -> RouterOutput:
+        raise NotImplementedError
+
+    def gates(self, scores_TE: torch.Tensor, expert_ids_TK: torch.Tensor) -> torch.Tensor:
+        """The combine weights of the chosen experts: their scores, renormalised to sum to one over
+        the k when ``normalize_topk`` (Mixtral, Qwen3-MoE, DeepSeek-V3); raw otherwise (Switch,
+        Qwen2-MoE, DeepSeek-V2). The one renormalisation rule of the zoo."""
+        weights_TK = scores_TE.gather(1, expert_ids_TK)
+        if self.normalize_topk:
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + _GATE_SUM_FLOOR)
+        return weights_TK
+
+    def biased(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        """``score + bias`` where loss-free balancing is on: what selection ranks, never the gates."""
+        return scores_TE if self.bias is None else scores_TE + self.bias
+
+
+class SoftmaxGatedRouter(Router):
+    """Softmax over all experts in fp32, a selection, and the probabilities of the selected
+    experts as gates (``Router.gates``). A subclass says only how it selects, in ``select``."""
+
+    def route(self, x32_TD: torch.Tensor, logits_TE: torch.Tensor,
+              token_ids_T: torch.Tensor | None) -> RouterOutput:
+        probs_TE = logits_TE.softmax(dim=-1)
+        expert_ids_TK = self.select(logits_TE, probs_TE, token_ids_T)
+        return RouterOutput(expert_ids_TK, self.gates(probs_TE, expert_ids_TK), probs_TE, logits_TE)
+
+    def select(self, logits_TE: torch.Tensor, probs_TE: torch.Tensor,
+               token_ids_T: torch.Tensor | None) -> torch.Tensor:
+        """(T, K) long: the experts of each token."""
         raise NotImplementedError
 
 
-class BiasedTopKRouter(Router):
-    """A router that picks experts by ``score + bias``.
-
-    The bias is the auxiliary-loss-free balancing state (Wang et al. 2024, arXiv:2408.15664): it
-    is a buffer, not a parameter; gradients never touch it; it only changes *which* experts are
-    selected, never the gate values; ``workbench.moe.balance.update_router_bias`` moves it at
-    the optimizer step. It stays zero (and inert) unless that update runs.
-    """
-
-    def __init__(self, d_model: int, cfg: MoEConfig):
-        super().__init__(d_model, cfg)
-        self.register_buffer("bias", torch.zeros(cfg.num_experts))
-
-    def select(self, scores_TE: torch.Tensor) -> torch.Tensor:
-        """Indices of the K experts with the highest biased score, shape (T, K)."""
-        return torch.topk(scores_TE + self.bias, self.top_k, dim=-1, sorted=False).indices
-
-
-class SoftmaxTopKRouter(BiasedTopKRouter):
+class SoftmaxTopKRouter(SoftmaxGatedRouter):
     """Softmax over all experts, keep the top-k (GShard, Lepikhin et al. 2020; Mixtral, Jiang et al. 2024).
 
     ``normalize_topk`` renormalises the kept probabilities to sum to one, which equals a softmax
     over the k selected logits (Mixtral, Qwen3-MoE). Without it the weights are the raw
-    probabilities (Switch, Qwen2-MoE, DeepSeek-V2). With k=1 and renormalising, every gate is
-    exactly 1 and the router learns only from the auxiliary losses.
+    probabilities (Switch, Qwen2-MoE, DeepSeek-V2, which multiplies them by ``route_scale``).
+    With k=1 and renormalising, every gate is exactly 1 and the router learns only from the
+    auxiliary losses.
+
+    Selection is by ``probability + bias``: the bias is the auxiliary-loss-free balancing state
+    (Wang et al. 2024, arXiv:2408.15664), a buffer that gradients never touch, that changes only
+    *which* experts are selected, and that ``workbench.moe.balance.update_router_bias`` moves at
+    the optimizer step (present only when ``bias_update_rate > 0``).
     """
 
-    def __init__(self, d_model: int, cfg: MoEConfig):
-        super().__init__(d_model, cfg)
-        self.normalize_topk = cfg.normalize_topk
+    has_selection_bias = True
 
-    def route(self, logits_TE: torch.Tensor) -> RouterOutput:
-        probs_TE = logits_TE.softmax(dim=-1)
-        expert_ids_TK = self.select(probs_TE)
-        weights_TK = _probability_gates(probs_TE, expert_ids_TK, self.normalize_topk)
-        return RouterOutput(expert_ids_TK, weights_TK, probs_TE, logits_TE)
+    def select(self, logits_TE, probs_TE, token_ids_T):
+        return torch.topk(self.biased(probs_TE), self.top_k, dim=-1, sorted=False).indices
 
 
 class SwitchRouter(SoftmaxTopKRouter):
-    """Top-1 routing with the raw softmax probability as gate (Switch Transformer, Fedus et al. 2021).
+    """Top-1 routing with the raw softmax probability as gate (Switch Transformer, Fedus et al. 2021),
+    usually trained with ``router_jitter`` (section 2.4)."""
 
-    ``router_jitter`` multiplies the router input by U(1 - eps, 1 + eps) noise during training,
-    the Switch paper's "jitter" for exploration (section 2.4).
-    """
-
-    def __init__(self, d_model: int, cfg: MoEConfig):
-        super().__init__(d_model, cfg)
-        self.normalize_topk = False
-        self.jitter = cfg.router_jitter
-
-    def prepare_input(self, x_TD: torch.Tensor) -> torch.Tensor:
-        if self.training and self.jitter > 0:
-            noise = torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-            return x_TD * noise
-        return x_TD
+    fixed_top_k = 1
+    default_normalize_topk = False  # the paper's gate is the raw probability
 
 
 class NoisyTopKRouter(Router):
@@ -207,29 +290,32 @@ class NoisyTopKRouter(Router):
         H(x)_i = (x W_g)_i + StandardNormal() * Softplus((x W_noise)_i)     (training only)
         G(x)   = Softmax(KeepTopK(H(x), k))
 
-    so the gates are a softmax over the k kept noisy logits. ``scores_TE`` is the softmax of
-    the clean logits, which the balancing losses and metrics read.
+    The softmax over the k kept noisy logits is ``Router.gates`` of ``softmax(H(x))`` with
+    ``normalize_topk`` (the default); without it the gates are the noisy probabilities over
+    all experts. ``scores_TE`` is the softmax of the clean logits, which the balancing losses
+    and metrics read.
     """
+
+    @classmethod
+    def num_params(cls, d_model, cfg):
+        return 2 * d_model * cfg.num_experts  # gate and noise projections
 
     def __init__(self, d_model: int, cfg: MoEConfig):
         super().__init__(d_model, cfg)
         # Zero init: the noise starts at softplus(0) = 0.69 and is learned from there.
         self.noise_weight = nn.Parameter(torch.zeros(cfg.num_experts, d_model))
 
-    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> RouterOutput:
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            x32 = x_TD.float()
-            logits_TE = F.linear(x32, self.weight.float())
-            noisy_TE = logits_TE
-            if self.training:
-                noise_std_TE = F.softplus(F.linear(x32, self.noise_weight.float()))
-                noisy_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE
-            top_logits_TK, expert_ids_TK = torch.topk(noisy_TE, self.top_k, dim=-1, sorted=False)
-            weights_TK = top_logits_TK.softmax(dim=-1)
-            return RouterOutput(expert_ids_TK, weights_TK, logits_TE.softmax(dim=-1), logits_TE)
+    def route(self, x32_TD, logits_TE, token_ids_T):
+        noisy_TE = logits_TE
+        if self.training:
+            noise_std_TE = F.softplus(F.linear(x32_TD, self.noise_weight.float()))
+            noisy_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE
+        expert_ids_TK = torch.topk(noisy_TE, self.top_k, dim=-1, sorted=False).indices
+        weights_TK = self.gates(noisy_TE.softmax(dim=-1), expert_ids_TK)
+        return RouterOutput(expert_ids_TK, weights_TK, logits_TE.softmax(dim=-1), logits_TE)
 
 
-class SigmoidRouter(BiasedTopKRouter):
+class SigmoidRouter(Router):
     """DeepSeek-V3 routing (DeepSeek-AI 2024, arXiv:2412.19437, section 2.1.2, eq. 12-16).
 
         s_i   = sigmoid(u . e_i)                                   affinity of expert i
@@ -240,18 +326,21 @@ class SigmoidRouter(BiasedTopKRouter):
     The bias ``b`` comes from auxiliary-loss-free balancing; it selects, it never weights.
     """
 
+    has_selection_bias = True
+    supports_expert_groups = True
+
     def __init__(self, d_model: int, cfg: MoEConfig):
         super().__init__(d_model, cfg)
         self.num_groups = cfg.num_groups
         self.topk_groups = cfg.topk_groups
-        self.route_scale = cfg.route_scale
-        self.normalize_topk = cfg.normalize_topk
 
-    def select(self, scores_TE: torch.Tensor) -> torch.Tensor:
-        biased_TE = scores_TE + self.bias
+    def route(self, x32_TD, logits_TE, token_ids_T):
+        scores_TE = logits_TE.sigmoid()
+        biased_TE = self.biased(scores_TE)
         if self.num_groups > 1:
             biased_TE = self._mask_to_kept_groups(biased_TE)
-        return torch.topk(biased_TE, self.top_k, dim=-1, sorted=False).indices
+        expert_ids_TK = torch.topk(biased_TE, self.top_k, dim=-1, sorted=False).indices
+        return RouterOutput(expert_ids_TK, self.gates(scores_TE, expert_ids_TK), scores_TE, logits_TE)
 
     def _mask_to_kept_groups(self, biased_TE: torch.Tensor) -> torch.Tensor:
         T, E = biased_TE.shape
@@ -263,14 +352,6 @@ class SigmoidRouter(BiasedTopKRouter):
         group_mask_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, kept_groups_TG, True)
         expert_mask_TE = group_mask_TG.repeat_interleave(E // self.num_groups, dim=1)
         return biased_TE.masked_fill(~expert_mask_TE, float("-inf"))
-
-    def route(self, logits_TE: torch.Tensor) -> RouterOutput:
-        scores_TE = logits_TE.sigmoid()
-        expert_ids_TK = self.select(scores_TE)
-        weights_TK = scores_TE.gather(1, expert_ids_TK)
-        if self.normalize_topk:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        return RouterOutput(expert_ids_TK, weights_TK * self.route_scale, scores_TE, logits_TE)
 
 
 class ExpertChoiceRouter(Router):
@@ -301,6 +382,12 @@ class ExpertChoiceRouter(Router):
     mismatch; the default ``"expert_choice"`` evaluates as it trains.
     """
 
+    default_normalize_topk = None  # a token's gates are its affinities; nothing to renormalise
+
+    @classmethod
+    def experts_per_token(cls, cfg, seq_len):
+        return float(cfg.expert_choice_capacity or cfg.top_k)
+
     def __init__(self, d_model: int, cfg: MoEConfig):
         super().__init__(d_model, cfg)
         self.capacity_factor = float(cfg.expert_choice_capacity or cfg.top_k)
@@ -312,7 +399,7 @@ class ExpertChoiceRouter(Router):
         """C = ceil(c * T / E), at least 1 and at most T."""
         return min(num_tokens, max(1, math.ceil(self.capacity_factor * num_tokens / self.num_experts)))
 
-    def route(self, logits_TE: torch.Tensor) -> RouterOutput:
+    def route(self, x32_TD, logits_TE, token_ids_T):
         probs_TE = logits_TE.softmax(dim=-1)
         T, E = probs_TE.shape
         if not self.training and self.eval_mode == "token_choice":
@@ -330,7 +417,7 @@ class ExpertChoiceRouter(Router):
         return RouterOutput(expert_ids_TK, weights_TK, probs_TE, logits_TE, mask_TK)
 
 
-class HashRouter(Router):
+class HashRouter(SoftmaxGatedRouter):
     """Hash layers (Roller et al. 2021, "Hash Layers For Large Sparse Models", arXiv:2106.04426).
 
         e_t = hash(token_id_t)                          a fixed random map, never learned
@@ -350,11 +437,10 @@ class HashRouter(Router):
 
     def __init__(self, d_model: int, cfg: MoEConfig):
         super().__init__(d_model, cfg)
-        self.normalize_topk = cfg.normalize_topk
         table = torch.rand(cfg.hash_vocab_size, cfg.num_experts).argsort(dim=1)[:, : cfg.top_k]
         self.register_buffer("expert_table", table)
 
-    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> RouterOutput:
+    def select(self, logits_TE, probs_TE, token_ids_T):
         if token_ids_T is None:
             raise ValueError("router='hash' routes by token id: pass token_ids_BS to MoELayer.forward "
                              "(MoELM does), or token_ids_T to the router")
@@ -362,12 +448,7 @@ class HashRouter(Router):
         if token_ids_T.numel() and (int(token_ids_T.max()) >= vocab or int(token_ids_T.min()) < 0):
             raise ValueError(f"token id {int(token_ids_T.max())} is outside the hash table: "
                              f"MoEConfig.hash_vocab_size={vocab} must be at least the vocabulary size")
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = self.gate_logits(x_TD.float())
-            probs_TE = logits_TE.softmax(dim=-1)
-            expert_ids_TK = self.expert_table[token_ids_T]
-            weights_TK = _probability_gates(probs_TE, expert_ids_TK, self.normalize_topk)
-            return RouterOutput(expert_ids_TK, weights_TK, probs_TE, logits_TE)
+        return self.expert_table[token_ids_T]
 
 
 @torch.no_grad()
@@ -388,7 +469,7 @@ def sinkhorn_log(logits_TE: torch.Tensor, num_iters: int) -> torch.Tensor:
     return log_a
 
 
-class SinkhornRouter(Router):
+class SinkhornRouter(SoftmaxGatedRouter):
     """Sinkhorn-balanced routing, S-BASE (Clark et al. 2022, "Unified Scaling Laws for Routed
     Language Models", arXiv:2202.01169), after BASE layers (Lewis et al. 2021, "BASE Layers:
     Simplifying Training of Large, Sparse Models", arXiv:2103.16716), which solve the balanced
@@ -410,15 +491,11 @@ class SinkhornRouter(Router):
 
     def __init__(self, d_model: int, cfg: MoEConfig):
         super().__init__(d_model, cfg)
-        self.normalize_topk = cfg.normalize_topk
         self.num_iters = cfg.sinkhorn_iters
 
-    def route(self, logits_TE: torch.Tensor) -> RouterOutput:
-        probs_TE = logits_TE.softmax(dim=-1)
+    def select(self, logits_TE, probs_TE, token_ids_T):
         balanced_TE = sinkhorn_log(logits_TE.detach(), self.num_iters) if self.training else logits_TE.detach()
-        expert_ids_TK = balanced_TE.topk(self.top_k, dim=-1, sorted=False).indices
-        weights_TK = _probability_gates(probs_TE, expert_ids_TK, self.normalize_topk)
-        return RouterOutput(expert_ids_TK, weights_TK, probs_TE, logits_TE)
+        return balanced_TE.topk(self.top_k, dim=-1, sorted=False).indices
 
 
 class SoftMoERouter(Router):
@@ -452,6 +529,21 @@ class SoftMoERouter(Router):
     """
 
     mixes_tokens = True
+    supports_route_scale = False  # the combine weights are a softmax over slots
+    default_normalize_topk = None
+
+    @classmethod
+    def gate_rows(cls, cfg):
+        return cfg.num_experts * cfg.soft_slots_per_expert
+
+    @classmethod
+    def experts_per_token(cls, cfg, seq_len):
+        return cfg.num_experts * cfg.soft_slots_per_expert / seq_len
+
+    @classmethod
+    def token_mixing_macs(cls, cfg, d_model):
+        # dispatch (slots from tokens) and combine (tokens from slots): L * D each, per token
+        return 2 * cfg.num_experts * cfg.soft_slots_per_expert * d_model
 
     def __init__(self, d_model: int, cfg: MoEConfig):
         super().__init__(d_model, cfg)
@@ -459,11 +551,7 @@ class SoftMoERouter(Router):
         _warn_causal_leak("soft_moe", "every slot is a weighted average of all tokens of the sequence",
                           "use a token-choice router for language modelling")
 
-    @staticmethod
-    def gate_rows(cfg: MoEConfig) -> int:
-        return cfg.num_experts * cfg.soft_slots_per_expert
-
-    def route(self, slot_logits_TL: torch.Tensor) -> RouterOutput:
+    def route(self, x32_TD, slot_logits_TL, token_ids_T):
         T = slot_logits_TL.shape[0]
         logits_TE = slot_logits_TL.view(T, self.num_experts, self.slots_per_expert).logsumexp(dim=-1)
         scores_TE = logits_TE.softmax(dim=-1)
@@ -488,15 +576,24 @@ class CosineRouter(SoftmaxTopKRouter):
     init_temperature = 0.5
     max_log_inv_temperature = math.log(100.0)
 
+    @classmethod
+    def gate_rows(cls, cfg):
+        return cfg.cosine_dim
+
+    @classmethod
+    def num_params(cls, d_model, cfg):
+        # projection, expert embeddings, temperature
+        return d_model * cfg.cosine_dim + cfg.num_experts * cfg.cosine_dim + 1
+
+    @classmethod
+    def num_matmul_params(cls, d_model, cfg):
+        return cls.num_params(d_model, cfg) - 1  # the temperature scales; it multiplies no token
+
     def __init__(self, d_model: int, cfg: MoEConfig):
         super().__init__(d_model, cfg)
         # unit-norm rows on average; only their direction matters
         self.expert_embed = nn.Parameter(torch.randn(cfg.num_experts, cfg.cosine_dim) * cfg.cosine_dim**-0.5)
         self.log_inv_temperature = nn.Parameter(torch.tensor(math.log(1 / self.init_temperature)))
-
-    @staticmethod
-    def gate_rows(cfg: MoEConfig) -> int:
-        return cfg.cosine_dim
 
     def gate_logits(self, x32_TD: torch.Tensor) -> torch.Tensor:
         tokens_TP = F.normalize(F.linear(x32_TD, self.weight.float()), dim=-1)
@@ -505,7 +602,7 @@ class CosineRouter(SoftmaxTopKRouter):
         return inv_tau * (tokens_TP @ experts_EP.t())
 
 
-class UniformRouter(Router):
+class UniformRouter(SoftmaxGatedRouter):
     """Forced round-robin assignment, for throughput benchmarks: the forced balance that
     MegaBlocks (``uniform_expert_assignment``), torchtitan and OLMo-core offer for the same purpose.
 
@@ -513,43 +610,26 @@ class UniformRouter(Router):
 
     The K experts of a token are distinct (K <= E consecutive residues), and every expert gets
     exactly T K / E pairs when E divides T K (else the counts differ by at most one). The linear
-    gate still runs, so FLOPs match a learned router: the gates are the softmax probabilities of
-    the forced experts, renormalised over the k when ``normalize_topk``, and get gradients.
+    gate still runs, so FLOPs match a learned router, and its probabilities are the gates.
     """
 
-    def __init__(self, d_model: int, cfg: MoEConfig):
-        super().__init__(d_model, cfg)
-        self.normalize_topk = cfg.normalize_topk
-
-    def route(self, logits_TE: torch.Tensor) -> RouterOutput:
-        T, E = logits_TE.shape
-        probs_TE = logits_TE.softmax(dim=-1)
-        pairs_TK = torch.arange(T * self.top_k, device=logits_TE.device).view(T, self.top_k)
-        expert_ids_TK = pairs_TK.remainder(E)
-        weights_TK = _probability_gates(probs_TE, expert_ids_TK, self.normalize_topk)
-        return RouterOutput(expert_ids_TK, weights_TK, probs_TE, logits_TE)
+    def select(self, logits_TE, probs_TE, token_ids_T):
+        T, E = probs_TE.shape
+        pairs_TK = torch.arange(T * self.top_k, device=probs_TE.device).view(T, self.top_k)
+        return pairs_TK.remainder(E)
 
 
-class RandomRouter(Router):
+class RandomRouter(SoftmaxGatedRouter):
     """A baseline: K distinct experts drawn uniformly at random for every token, at every forward
-    (training and evaluation), from torch's global generator.
+    (training and evaluation), from torch's global generator. As for ``uniform``, the linear gate
+    runs and its probabilities are the gates."""
 
-    As for ``uniform``, the linear gate runs and the gates are the softmax probabilities of the
-    drawn experts, renormalised over the k when ``normalize_topk``; with k = 1 that is 1.
-    """
-
-    def __init__(self, d_model: int, cfg: MoEConfig):
-        super().__init__(d_model, cfg)
-        self.normalize_topk = cfg.normalize_topk
-
-    def route(self, logits_TE: torch.Tensor) -> RouterOutput:
-        probs_TE = logits_TE.softmax(dim=-1)
+    def select(self, logits_TE, probs_TE, token_ids_T):
         # the top-k of i.i.d. uniform keys is a uniformly random k-subset
-        expert_ids_TK = torch.rand_like(probs_TE).topk(self.top_k, dim=-1, sorted=False).indices
-        weights_TK = _probability_gates(probs_TE, expert_ids_TK, self.normalize_topk)
-        return RouterOutput(expert_ids_TK, weights_TK, probs_TE, logits_TE)
+        return torch.rand_like(probs_TE).topk(self.top_k, dim=-1, sorted=False).indices
 
 
+# One line per router. A new router: a subclass of Router (or SoftmaxGatedRouter) and a line here.
 ROUTERS: dict[str, type[Router]] = {
     "softmax_topk": SoftmaxTopKRouter,
     "switch": SwitchRouter,
@@ -565,7 +645,11 @@ ROUTERS: dict[str, type[Router]] = {
 }
 
 
+def router_class(name: str) -> type[Router]:
+    """The registered router class, or ``ValueError`` listing the known names."""
+    check_choice("router", name, ROUTERS)
+    return ROUTERS[name]
+
+
 def build_router(d_model: int, cfg: MoEConfig) -> Router:
-    if cfg.router not in ROUTERS:
-        raise ValueError(f"router={cfg.router!r} is invalid: allowed values are {', '.join(ROUTERS)}")
-    return ROUTERS[cfg.router](d_model, cfg)
+    return router_class(cfg.router)(d_model, cfg)

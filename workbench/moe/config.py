@@ -1,0 +1,133 @@
+"""``MoEConfig``: one MoE feed-forward layer (router, experts, dispatch, load balancing).
+
+It lives beside the MoE code it configures (as OLMo-core keeps each config next to its module).
+It validates itself in ``__post_init__``: a bad value raises ``ValueError`` naming the field and
+what is allowed, before any tensor is built. What depends on the router type (which options it
+honours, its fixed top-k, whether it has a selection bias) is asked of the router class in the
+registry (``Router.check_config``), so this file names no router.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from workbench.moe.dispatch import DISPATCHES
+from workbench.moe.routers import ROUTERS, router_class
+from workbench.validation import check, check_choice, check_int
+
+DROP_POLICIES = ("position", "score")
+EXPERT_CHOICE_EVAL = ("expert_choice", "token_choice")
+
+
+@dataclass(kw_only=True)
+class MoEConfig:
+    """One MoE feed-forward layer: router, experts, dispatch and load balancing."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    expert_hidden: int = 256  # H; fine-grained experts = many experts with a small H
+
+    # --- router -------------------------------------------------------------------------
+    router: str = "softmax_topk"
+    # renormalise the k selected gates to sum to one (Mixtral); None: the router's default
+    # (True, but False for switch, whose gate is the raw probability)
+    normalize_topk: bool | None = None
+    router_jitter: float = 0.0  # multiplicative router-input noise U(1-eps, 1+eps) in training (Switch)
+    num_groups: int = 1  # sigmoid router: experts split into groups (DeepSeek-V3 node-limited routing)
+    topk_groups: int = 1  # ... of which this many are kept per token
+    route_scale: float = 1.0  # gates are multiplied by this (DeepSeek-V2/V3's routed scaling factor)
+    # expert choice: the paper's capacity factor c (average experts per token), C = ceil(c T / E);
+    # None = top_k, the expert compute of top-k token choice
+    expert_choice_capacity: float | None = None
+    expert_choice_eval: str = "expert_choice"  # or "token_choice": evaluate causally (top-k of the same scores)
+    hash_vocab_size: int = 256  # hash router: rows of the token id -> experts table; >= the vocabulary size
+    sinkhorn_iters: int = 10  # sinkhorn router: balancing iterations (fixed, in log space)
+    soft_slots_per_expert: int = 1  # soft MoE: slots per expert, per sequence
+    cosine_dim: int = 16  # cosine router: dimension of the hypersphere that tokens and experts meet on
+
+    # --- shared experts (DeepSeekMoE / Qwen2-MoE) --------------------------------------
+    num_shared_experts: int = 0
+    shared_expert_hidden: int | None = None  # default: num_shared_experts * expert_hidden
+    shared_expert_gate: bool = False  # Qwen2-MoE: scale shared output by sigmoid(x . w)
+
+    # --- dispatch -----------------------------------------------------------------------
+    dispatch: str = "sorted"
+    # capacity dispatch only: C = ceil(capacity_factor * T * K / E) slots per expert;
+    # None: never drop (C = T, the most any expert can receive, since a token picks it once)
+    capacity_factor: float | None = 1.25
+    drop_policy: str = "position"  # which assignments keep their slot when an expert is full
+
+    # --- load balancing (weights of the raw per-layer losses; 0 disables) --------------
+    aux_loss_weight: float = 0.01  # Switch / GShard
+    seq_aux_loss_weight: float = 0.0  # DeepSeek-V3 sequence-wise
+    z_loss_weight: float = 0.0  # ST-MoE router z-loss
+    bias_update_rate: float = 0.0  # auxiliary-loss-free balancing (Wang et al. 2024); 0 disables
+    bias_recenter: bool = False  # subtract the mean bias after each update
+
+    def __post_init__(self) -> None:
+        for name in ("num_experts", "top_k", "expert_hidden", "num_groups", "topk_groups", "hash_vocab_size",
+                     "sinkhorn_iters", "soft_slots_per_expert", "cosine_dim"):
+            check_int(name, getattr(self, name), 1)
+        check(self.top_k <= self.num_experts, "top_k", f"must be between 1 and num_experts={self.num_experts}",
+              self.top_k)
+        check_choice("router", self.router, ROUTERS)
+        check_choice("dispatch", self.dispatch, DISPATCHES)
+        check_choice("drop_policy", self.drop_policy, DROP_POLICIES)
+        check_choice("expert_choice_eval", self.expert_choice_eval, EXPERT_CHOICE_EVAL)
+        check(self.normalize_topk in (None, True, False), "normalize_topk", "must be True, False or None",
+              self.normalize_topk)
+        if self.capacity_factor is not None:
+            check(_is_real(self.capacity_factor) and math.isfinite(self.capacity_factor) and self.capacity_factor > 0,
+                  "capacity_factor", "must be a finite number > 0, or None to never drop", self.capacity_factor)
+        check(_is_real(self.router_jitter) and 0 <= self.router_jitter < 1, "router_jitter", "must be in [0, 1)",
+              self.router_jitter)
+        check(_is_real(self.route_scale) and math.isfinite(self.route_scale) and self.route_scale > 0,
+              "route_scale", "must be a finite number > 0", self.route_scale)
+        check(self.num_experts % self.num_groups == 0, "num_groups", f"must divide num_experts={self.num_experts}",
+              self.num_groups)
+        check(self.topk_groups <= self.num_groups, "topk_groups",
+              f"must be between 1 and num_groups={self.num_groups}", self.topk_groups)
+        kept_experts = self.topk_groups * (self.num_experts // self.num_groups)
+        check(self.top_k <= kept_experts, "top_k",
+              f"must be <= the {kept_experts} experts in the topk_groups={self.topk_groups} kept groups", self.top_k)
+
+        check_int("num_shared_experts", self.num_shared_experts, 0)
+        if self.shared_expert_hidden is not None:
+            check_int("shared_expert_hidden", self.shared_expert_hidden, 1)
+            check(self.num_shared_experts >= 1, "shared_expert_hidden",
+                  "sizes the shared expert, so it needs num_shared_experts >= 1 (else leave it None)",
+                  self.shared_expert_hidden)
+        check(not self.shared_expert_gate or self.num_shared_experts >= 1, "shared_expert_gate",
+              "gates the shared expert, so it needs num_shared_experts >= 1", self.shared_expert_gate)
+
+        for name in ("aux_loss_weight", "seq_aux_loss_weight", "z_loss_weight", "bias_update_rate"):
+            value = getattr(self, name)
+            check(_is_real(value) and math.isfinite(value) and value >= 0, name, "must be a finite number >= 0",
+                  value)
+        if self.expert_choice_capacity is not None:
+            check(_is_real(self.expert_choice_capacity) and 0 < self.expert_choice_capacity <= self.num_experts,
+                  "expert_choice_capacity", f"must be None or in (0, num_experts={self.num_experts}]",
+                  self.expert_choice_capacity)
+        router_class(self.router).check_config(self.router, self)
+
+    def router_params(self, d_model: int) -> int:
+        """Parameters of one router (they differ by router type); equals the module's count."""
+        return router_class(self.router).num_params(d_model, self)
+
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        """The weight of each raw balancing loss, keyed as ``RoutingInfo.losses`` is."""
+        return {"aux_loss": self.aux_loss_weight, "seq_aux_loss": self.seq_aux_loss_weight,
+                "z_loss": self.z_loss_weight}
+
+    @property
+    def shared_hidden(self) -> int:
+        """Hidden size of the (merged) shared expert; 0 when there is none."""
+        if self.num_shared_experts == 0:
+            return 0
+        return self.shared_expert_hidden or self.num_shared_experts * self.expert_hidden
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

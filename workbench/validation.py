@@ -1,0 +1,29 @@
+"""One way to refuse a bad value: ``ValueError`` naming the field, the value and what is allowed.
+
+Every config (``MoEConfig``, ``ModelConfig``, ``TrainConfig``) and every registry lookup
+(routers, dispatches, presets) goes through these two helpers, so the messages read alike and
+the CLI can print them as its one-line error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+
+def check(ok: bool, field_name: str, allowed: str, value: Any) -> None:
+    """Raise ``ValueError("field=value is invalid: allowed")`` unless ``ok``."""
+    if not ok:
+        raise ValueError(f"{field_name}={value!r} is invalid: {allowed}")
+
+
+def check_choice(field_name: str, value: Any, choices: Iterable[str]) -> None:
+    """``value`` must be one of ``choices`` (a registry's keys, a tuple of names)."""
+    choices = tuple(choices)
+    check(value in choices, field_name, "allowed values are " + ", ".join(choices), value)
+
+
+def check_int(field_name: str, value: Any, minimum: int) -> None:
+    """An integer (not a bool, not a float that happens to be whole) of at least ``minimum``."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    check(is_int and value >= minimum, field_name, f"must be an integer >= {minimum}", value)
