@@ -200,14 +200,51 @@ class LiveLossPlot:
         plt.close(fig)
 
 
-def layer_picker(plot: Callable[[int], Any], layers: Sequence[int], description: str = "layer"):
-    """An ipywidgets dropdown that re-runs ``plot(layer)``; call ``plot`` once directly as well
-    so a headless run exercises the same code."""
+def _widgets():
     try:
         import ipywidgets as widgets
-    except ImportError as err:  # pragma: no cover
+    except ImportError as err:  # pragma: no cover - depends on the installation
         raise ImportError("widgets need ipywidgets: pip install 'moe-workbench[notebooks]'") from err
-    return widgets.interact(plot, layer=widgets.Dropdown(options=list(layers), description=description))
+    return widgets
+
+
+def redraw_on_change(plot: Callable[..., Any], controls: dict[str, Any]):
+    """Show ``controls`` (name -> ipywidgets control) above an output area in which
+    ``plot(**values)`` draws again each time a control's value changes; return the panel.
+
+    Nothing is drawn when the panel is built: the notebook calls ``plot`` once directly for the
+    first view (so a headless run exercises the same code). Drawing into an Output widget during a
+    headless run is what makes the notebook client send on the kernel's shell socket while it waits
+    for the cell's reply, which can lose the reply's wake-up (jupyter/nbclient#312); ``interact``
+    and ``interactive_output`` draw at once, so they are not used here.
+    """
+    widgets = _widgets()
+    from IPython.display import display
+    from ipywidgets.widgets.interaction import show_inline_matplotlib_plots
+
+    out = widgets.Output()
+
+    def redraw(change=None):
+        with out:
+            out.clear_output(wait=True)
+            plot(**{name: control.value for name, control in controls.items()})
+            show_inline_matplotlib_plots()  # figures the plot made but did not show
+
+    for control in controls.values():
+        control.observe(redraw, names="value")
+    panel = widgets.VBox([widgets.HBox(list(controls.values())), out])
+    display(panel)
+    return panel
+
+
+def layer_picker(plot: Callable[[int], Any], layers: Sequence[int], description: str = "layer",
+                 value: int | None = None):
+    """A dropdown of ``layers`` (starting at ``value``, default the first) that draws ``plot(layer)``
+    below itself when the choice changes; call ``plot`` once directly for the first view."""
+    widgets = _widgets()
+    start = layers[0] if value is None else value
+    return redraw_on_change(plot, {"layer": widgets.Dropdown(options=list(layers), value=start,
+                                                             description=description)})
 
 
 # --- routers side by side (notebooks/01_routers.ipynb) -----------------------------------
@@ -231,6 +268,35 @@ def plot_gate_histogram(gates: torch.Tensor | Sequence[float] | dict[str, torch.
     if any(values) and len(values) > 1:
         ax.legend(fontsize=7)
     return fig
+
+
+def router_panel_data(routing: Any, layer: int, sequence: int = 0, length: int | None = 48) -> dict[str, Any]:
+    """Keyword arguments for ``plot_router_panel`` from a ``workbench.analysis.BatchRouting``: the
+    first ``length`` tokens of ``sequence`` (token x expert weights; padding slots weigh 0) and the
+    whole batch's load, gate mass and gates in MoE layer ``layer``."""
+    from workbench.data import ByteTokenizer
+
+    info, m = routing.layer_info(layer), routing.layer_metrics(layer)
+    B, S = routing.tokens.shape
+    if not 0 <= sequence < B:
+        raise ValueError(f"sequence={sequence!r} is invalid: the batch has {B} sequences")
+    n = S if length is None else min(length, S)
+    rows = slice(sequence * S, sequence * S + n)
+    weights_TK = info.router_output.weights_TK
+    if info.router_output.mask_TK is not None:
+        weights_TK = weights_TK * info.router_output.mask_TK
+    return {
+        "token_strings": ByteTokenizer().token_strings(routing.tokens[sequence, :n]),
+        "expert_ids_TK": info.router_output.expert_ids_TK[rows].cpu(),
+        "weights_TK": weights_TK[rows].float().cpu(),
+        "num_experts": routing.num_experts,
+        "tokens_per_expert": m["tokens_per_expert"],
+        "gate_mass": m["gate_mass"],
+        "gates": routing.gates(layer),
+        "capacity": m["capacity"],
+        "dropped_fraction": m["dropped_fraction"],
+        "max_vio": m["max_vio"],
+    }
 
 
 def plot_router_panel(token_strings: Sequence[str], expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
@@ -299,16 +365,13 @@ def plot_metric_bars(names: Sequence[str], series: dict[str, Sequence[float]], a
 
 def router_picker(show: Callable[..., Any], routers: Sequence[str], num_experts: Sequence[int],
                   top_k: Sequence[int], value: tuple[str, int, int] | None = None):
-    """ipywidgets dropdowns that re-run ``show(router, num_experts, top_k)``; call ``show`` once
-    directly as well so a headless run exercises the same code."""
-    try:
-        import ipywidgets as widgets
-    except ImportError as err:  # pragma: no cover
-        raise ImportError("widgets need ipywidgets: pip install 'moe-workbench[notebooks]'") from err
+    """Dropdowns for router, number of experts and top-k (starting at ``value``, default the first
+    of each) that draw ``show(router, num_experts, top_k)`` below themselves when a choice changes;
+    call ``show`` once directly with ``value`` for the first view."""
+    widgets = _widgets()
     router0, experts0, k0 = value if value is not None else (routers[0], num_experts[0], top_k[0])
-    return widgets.interact(
-        show,
-        router=widgets.Dropdown(options=list(routers), value=router0, description="router"),
-        num_experts=widgets.Dropdown(options=list(num_experts), value=experts0, description="experts"),
-        top_k=widgets.Dropdown(options=list(top_k), value=k0, description="top-k"),
-    )
+    return redraw_on_change(show, {
+        "router": widgets.Dropdown(options=list(routers), value=router0, description="router"),
+        "num_experts": widgets.Dropdown(options=list(num_experts), value=experts0, description="experts"),
+        "top_k": widgets.Dropdown(options=list(top_k), value=k0, description="top-k"),
+    })
