@@ -67,6 +67,18 @@ def test_aux_losses_with_an_all_true_slot_mask_equal_the_unmasked_ones():
                                switch_aux_loss(*flat, mask_BS.view(24)))
 
 
+def test_the_unmasked_counting_path_equals_the_masked_path_with_every_token_real():
+    """Without masks the losses count assignments with one bincount; with an all-True padding
+    mask they take the one-hot path. Both must give the same numbers."""
+    torch.manual_seed(2)
+    probs = torch.randn(3, 7, 6).softmax(-1)
+    ids = torch.rand(3, 7, 6).argsort(-1)[..., :3]
+    every = torch.ones(3, 7, dtype=torch.bool)
+    torch.testing.assert_close(sequence_aux_loss(probs, ids), sequence_aux_loss(probs, ids, every))
+    torch.testing.assert_close(switch_aux_loss(probs.view(21, 6), ids.view(21, 3)),
+                               switch_aux_loss(probs.view(21, 6), ids.view(21, 3), every.view(21)))
+
+
 def test_imbalanced_routing_scores_worse_than_balanced():
     T, E = 64, 8
     uniform = torch.full((T, E), 1 / E)

@@ -52,7 +52,10 @@ def switch_aux_loss(scores_TE: torch.Tensor, expert_ids_TK: torch.Tensor,
     """
     T, E = scores_TE.shape
     K = expert_ids_TK.shape[1]
-    if slot_mask_TK is None:
+    if slot_mask_TK is None and mask_T is None:
+        # the common case in one counting pass: f_i = (assignments to i) / (T K)
+        f_E = torch.bincount(expert_ids_TK.flatten(), minlength=E).to(scores_TE.dtype) / max(1, T * K)
+    elif slot_mask_TK is None:
         one_hot_TE = F.one_hot(expert_ids_TK, E).sum(dim=1).to(scores_TE.dtype)
         f_E = _masked_mean(one_hot_TE, mask_T) / K
     else:
@@ -74,7 +77,12 @@ def sequence_aux_loss(scores_BSE: torch.Tensor, expert_ids_BSK: torch.Tensor,
     """
     B, S, E = scores_BSE.shape
     K = expert_ids_BSK.shape[-1]
-    if slot_mask_BSK is None:
+    if slot_mask_BSK is None and mask_BS is None:
+        # per-sequence counts in one pass: bin b * E + e holds sequence b's assignments to e
+        bins = expert_ids_BSK + torch.arange(B, device=expert_ids_BSK.device).view(B, 1, 1) * E
+        counts_BE = torch.bincount(bins.flatten(), minlength=B * E).view(B, E).to(scores_BSE.dtype)
+        f_BE = counts_BE * (E / (K * max(1, S)))
+    elif slot_mask_BSK is None:
         one_hot_BSE = F.one_hot(expert_ids_BSK, E).sum(dim=2).to(scores_BSE.dtype)
         f_BE = _masked_mean(one_hot_BSE, mask_BS, dim=1) * (E / K)
     else:

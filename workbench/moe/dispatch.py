@@ -271,8 +271,7 @@ def build_dispatch(cfg: MoEConfig, mixes_tokens: bool = False) -> Dispatch:
     """
     if mixes_tokens:
         return soft_dispatch
-    check_choice("dispatch", cfg.dispatch, DISPATCHES)
-    dispatch = DISPATCHES[cfg.dispatch]
+    dispatch = DISPATCHES[cfg.dispatch]  # a valid name: MoEConfig checked it
     if dispatch is capacity_dispatch:
         dispatch = partial(capacity_dispatch, capacity_factor=cfg.capacity_factor, drop_policy=cfg.drop_policy)
     return partial(_route_each_token, dispatch)

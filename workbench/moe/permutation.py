@@ -41,8 +41,8 @@ def sort_pairs_by_expert(routing: RouterOutput, num_experts: int) -> SortedPairs
         # padding pairs join a group E after every expert
         expert_of_pair_N = expert_of_pair_N.masked_fill(~routing.mask_TK.flatten(), num_experts)
     sorted_to_pair_N = expert_of_pair_N.argsort(stable=True)
-    pair_to_sorted_N = torch.empty_like(sorted_to_pair_N)
-    pair_to_sorted_N[sorted_to_pair_N] = torch.arange(T * K, device=sorted_to_pair_N.device)
+    positions_N = torch.arange(T * K, device=sorted_to_pair_N.device)
+    pair_to_sorted_N = torch.empty_like(sorted_to_pair_N).scatter_(0, sorted_to_pair_N, positions_N)
     tokens_per_expert = torch.bincount(expert_of_pair_N, minlength=num_experts)[:num_experts]
     counts = tokens_per_expert.tolist()
     return SortedPairs(sorted_to_pair_N, pair_to_sorted_N, tokens_per_expert, counts, sum(counts), K)

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -204,7 +205,9 @@ class Router(nn.Module):
         self.register_buffer("bias", torch.zeros(cfg.num_experts) if uses_bias else None)
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> RouterOutput:
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+        device = x_TD.device.type
+        # fp32 routing: under autocast, step out of it (entering the context costs, so only then)
+        with torch.autocast(device_type=device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
             x32_TD = self.jittered(x_TD).float()
             out = self.route(x32_TD, self.gate_logits(x32_TD), token_ids_T)
         if self.route_scale != 1.0:
