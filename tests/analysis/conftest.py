@@ -1,4 +1,4 @@
-"""A micro model and a two-domain corpus: small enough that a forward takes milliseconds."""
+"""The micro model config, a fixed batch of random tokens and a two-domain corpus."""
 
 from __future__ import annotations
 
@@ -7,12 +7,8 @@ import random
 import pytest
 import torch
 
-from workbench.config import ModelConfig, MoEConfig
+from tests.analysis.helpers import MICRO
 from workbench.data import Corpus, Document, LMData
-
-# 4 experts, top-2, two MoE layers.
-MICRO = ModelConfig(seq_len=32, d_model=32, n_layers=2, n_heads=2, dense_hidden=64,
-                    moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=32))
 
 
 @pytest.fixture(scope="session")
