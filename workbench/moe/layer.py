@@ -12,15 +12,18 @@ Shape legend: B batch, S sequence, T = B*S tokens, D model dim, E experts, K exp
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from workbench.moe import balance
-from workbench.moe.config import MoEConfig
 from workbench.moe.dispatch import DispatchStats, build_dispatch
 from workbench.moe.experts import SwiGLUExperts, SwiGLUMLP
 from workbench.moe.routers import RouterOutput, build_router
+
+if TYPE_CHECKING:
+    from workbench.moe.config import MoEConfig
 
 
 @dataclass
