@@ -251,3 +251,12 @@ def test_subset_keeps_the_given_domains_in_order(small_corpus):
     assert [d.id for d in sub.documents] == [d.id for d in small_corpus.documents if d.domain in ("math", "code")]
     with pytest.raises(ValueError, match="domain='poetry'"):
         small_corpus.subset(["poetry"])
+
+
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch):
+    (tmp_path / "domain").mkdir()
+    (tmp_path / "domain" / "a.txt").write_text("text that must not be picked up\n")
+    monkeypatch.chdir(tmp_path)  # Path("") is "."; this folder would be a usable corpus
+    for empty in ("", "  "):
+        with pytest.raises(ValueError, match=r"path=.* is invalid: give a text file or a folder"):
+            load_text_corpus(empty)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -114,3 +116,30 @@ def test_no_validation_split(small_corpus):
     data = LMData(small_corpus, seq_len=S, batch_size=B, val_fraction=0.0)
     assert data.val_batches() == {} and len(data.val) == 0
     assert set(data.train.doc_ids) == {d.id for d in small_corpus.documents}
+
+
+def test_missing_validation_windows_come_with_their_reason(tmp_path):
+    from workbench.data import Corpus, Document
+
+    docs = [Document("big/0", "big", "lorem ipsum " * 200, "t"), Document("big/1", "big", "dolor sit " * 200, "t"),
+            Document("one/0", "one", "a single document " * 50, "t"),
+            Document("short/0", "short", "x" * 10, "t"), Document("short/1", "short", "y" * 10, "t")]
+    corpus = Corpus(["big", "one", "short"], docs)
+    with pytest.warns(UserWarning, match=r"no validation window of 33 tokens for domain\(s\) \['one', 'short'\]"):
+        data = LMData(corpus, seq_len=32, batch_size=2, val_fraction=0.3, val_windows_per_domain=2)
+    assert set(data.val_batches()) == {"big"}
+    assert set(data.val_missing) == {"one", "short"}
+    assert "no document was held out" in data.val_missing["one"]
+    assert re.fullmatch(r"its validation text has \d+ tokens, fewer than one window of seq_len \+ 1 = 33",
+                        data.val_missing["short"])
+    assert LMData(corpus, seq_len=32, val_fraction=0.0).val_missing["big"] == \
+        "val_fraction=0 holds out no validation text"
+
+
+def test_too_little_text_is_a_value_error_that_carries_the_counts(small_corpus):
+    from workbench.data import DataTooSmallError
+
+    tiny = small_corpus.subset(["math"])
+    with pytest.raises(DataTooSmallError, match=r"seq_len=10000000 is invalid: the train split has only") as err:
+        LMData(tiny, seq_len=10_000_000)
+    assert isinstance(err.value, ValueError) and err.value.window == 10_000_001 and err.value.train_tokens > 0

@@ -20,11 +20,12 @@ from workbench.data.builtin import (
     default_cache_dir,
 )
 from workbench.data.corpus import Corpus, Document, DomainInfo, load_text_corpus, split_score
-from workbench.data.loader import SEPARATOR, Batch, LMData, TokenStream
+from workbench.data.loader import SEPARATOR, Batch, DataTooSmallError, LMData, TokenStream
 from workbench.data.tokenizer import VOCAB_SIZE, ByteTokenizer
 
 __all__ = [
     "BUILTIN_DOMAINS", "DEFAULT_MAX_BYTES_PER_DOMAIN", "ENV_DATA_DIR", "SEPARATOR", "VOCAB_SIZE", "Batch",
+    "DataTooSmallError",
     "ByteTokenizer", "Corpus", "Document", "DomainInfo", "LMData", "TokenStream", "build_corpus",
     "default_cache_dir", "load_text_corpus", "split_score",
 ]

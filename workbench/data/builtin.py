@@ -297,8 +297,9 @@ def build_corpus(cache_dir: str | Path | None = None, *, max_bytes_per_domain: i
             domains.append(domain)
             docs.extend(found)
         else:
-            warnings.warn(f"built-in domain {domain!r} is empty on this Python installation "
-                          f"({DOMAIN_INFO[domain].source}); it is left out", stacklevel=2)
+            warnings.warn(f"built-in domain {domain!r} has no document of at most max_bytes_per_domain="
+                          f"{max_bytes_per_domain} bytes on this Python installation ({DOMAIN_INFO[domain].source}); "
+                          "it is left out", stacklevel=2)
     info = {d: DOMAIN_INFO[d] for d in domains}
     build_seconds = round(time.perf_counter() - t0, 3)
     corpus = Corpus(domains, docs, info, {**params, "build_seconds": build_seconds, "cached": False})

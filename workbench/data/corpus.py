@@ -187,6 +187,8 @@ def load_text_corpus(path: str | Path, *, max_doc_bytes: int | None = 8192) -> C
     single file can still be split into train and validation; ``None`` keeps whole files.
     Raises ``FileNotFoundError`` for a missing path and ``ValueError`` when nothing usable is found.
     """
+    if isinstance(path, str) and not path.strip():  # Path("") is the current directory: never meant
+        raise ValueError(f"path={path!r} is invalid: give a text file or a folder of domain subfolders")
     root = Path(path).expanduser()
     if max_doc_bytes is not None and max_doc_bytes < 1:
         raise ValueError(f"max_doc_bytes={max_doc_bytes!r} is invalid: must be >= 1 or None")

@@ -29,6 +29,18 @@ SEPARATOR = b"\n\n"
 SAMPLING = ("proportional", "balanced")
 
 
+class DataTooSmallError(ValueError):
+    """The train split holds fewer tokens than one window (``seq_len + 1``).
+
+    A ``ValueError`` naming ``seq_len``; callers that know where the text came from (the
+    trainer: ``data`` or ``max_bytes_per_domain``) re-raise it naming that setting instead.
+    """
+
+    def __init__(self, message: str, *, train_tokens: int, window: int):
+        super().__init__(message)
+        self.train_tokens, self.window = train_tokens, window
+
+
 @dataclass
 class Batch:
     """One batch of windows. ``targets`` is ``tokens`` shifted by one (the next byte)."""
@@ -122,21 +134,42 @@ class LMData:
         self.corpus = corpus
         self.domains = list(corpus.domains)
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
-        self.val_windows_per_domain = val_windows_per_domain
+        self.val_windows_per_domain, self.val_fraction = val_windows_per_domain, val_fraction
         self.tokenizer = ByteTokenizer()
         train, val = corpus.split(val_fraction)
         self.train = TokenStream.from_documents(train.documents, self.domains)
         self.val = TokenStream.from_documents(val.documents, self.domains)
         if len(self.train) < seq_len + 1:
-            raise ValueError(f"seq_len={seq_len} is invalid: the train split has only {len(self.train)} tokens, "
-                             f"fewer than one window of seq_len + 1")
+            raise DataTooSmallError(f"seq_len={seq_len} is invalid: the train split has only {len(self.train)} "
+                                    f"tokens, fewer than one window of seq_len + 1 = {seq_len + 1}",
+                                    train_tokens=len(self.train), window=seq_len + 1)
         self.domain_weights = domain_weights
         self._weights = self._resolve_weights(domain_weights)  # (num_domains,) float64, or None: proportional
         self._val_starts = {d: self._val_window_starts(i) for i, d in enumerate(self.domains)}
-        missing = [d for d, s in self._val_starts.items() if s.numel() == 0]
-        if missing and val_fraction > 0 and val_windows_per_domain > 0:
-            warnings.warn(f"no validation window of {seq_len + 1} tokens for domain(s) {missing}: "
+        self.val_missing = self._val_missing_reasons()
+        if self.val_missing and val_fraction > 0 and val_windows_per_domain > 0:
+            warnings.warn(f"no validation window of {seq_len + 1} tokens for domain(s) {list(self.val_missing)}: "
                           "they have too little validation text and are left out of val_batches()", stacklevel=2)
+
+    def _val_missing_reasons(self) -> dict[str, str]:
+        """Why each domain without a validation window has none (domain -> one clause)."""
+        reasons: dict[str, str] = {}
+        val_sizes = self._region_sizes(self.val).tolist()
+        val_docs = torch.bincount(self.val.domains[self.val.doc_starts].long(), minlength=len(self.domains)).tolist()
+        for i, d in enumerate(self.domains):
+            if self._val_starts[d].numel() > 0:
+                continue
+            if self.val_windows_per_domain == 0:
+                reasons[d] = "no validation windows were asked for (val_windows_per_domain=0)"
+            elif self.val_fraction == 0:
+                reasons[d] = "val_fraction=0 holds out no validation text"
+            elif val_docs[i] == 0:
+                reasons[d] = ("no document was held out for validation (a domain needs at least 2 documents "
+                              "to keep one on each side of the split)")
+            else:
+                reasons[d] = (f"its validation text has {val_sizes[i]} tokens, fewer than one window of "
+                              f"seq_len + 1 = {self.seq_len + 1}")
+        return reasons
 
     @property
     def vocab_size(self) -> int:
