@@ -118,13 +118,48 @@ class MoELM(nn.Module):
             elif isinstance(module, SwiGLUExperts):
                 module.reset_parameters(std=std, out_std=out_std)
 
+    def _check_inputs(self, tokens: torch.Tensor, targets: torch.Tensor | None,
+                      padding_mask: torch.Tensor | None) -> None:
+        """``ValueError`` naming the argument, instead of an error from deep inside torch (an
+        embedding index, a router's empty top-k) that names none."""
+        if not isinstance(tokens, torch.Tensor):
+            raise ValueError(f"tokens must be a (B, S) tensor of token ids, got {type(tokens).__name__}")
+        if tokens.dtype not in (torch.long, torch.int32):
+            raise ValueError(f"tokens must hold integer token ids (torch.long), got dtype {tokens.dtype}")
+        if tokens.dim() != 2:
+            hint = "; add a batch dimension with tokens[None]" if tokens.dim() == 1 else ""
+            raise ValueError(f"tokens must be 2-D (B, S), got shape {tuple(tokens.shape)}{hint}")
+        B, S = tokens.shape
+        if B == 0 or S == 0:
+            raise ValueError(f"tokens has shape {tuple(tokens.shape)}: an empty batch; need B >= 1 sequences "
+                             "of S >= 1 tokens")
+        if S > self.cfg.seq_len:
+            raise ValueError(f"tokens has sequence length {S}, more than ModelConfig.seq_len={self.cfg.seq_len}")
+        V = self.cfg.vocab_size
+        lo, hi = (int(v) for v in torch.aminmax(tokens))  # one sync; the loss's .item() syncs anyway
+        if lo < 0 or hi >= V:
+            raise ValueError(f"tokens holds ids outside [0, vocab_size={V}): min {lo}, max {hi}")
+        if targets is not None:
+            if not isinstance(targets, torch.Tensor) or targets.shape != tokens.shape:
+                got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
+                raise ValueError(f"targets must have the shape of tokens {(B, S)}, got {got}")
+            if targets.dtype not in (torch.long, torch.int32):
+                raise ValueError(f"targets must hold integer token ids (torch.long), got dtype {targets.dtype}")
+            real = targets[targets != -100]
+            if real.numel() and (int(real.min()) < 0 or int(real.max()) >= V):
+                raise ValueError(f"targets holds ids outside [0, vocab_size={V}) (other than -100, ignored): "
+                                 f"min {int(real.min())}, max {int(real.max())}")
+        if padding_mask is not None and (not isinstance(padding_mask, torch.Tensor)
+                                         or padding_mask.shape != tokens.shape or padding_mask.dtype != torch.bool):
+            got = (f"{tuple(padding_mask.shape)} {padding_mask.dtype}" if isinstance(padding_mask, torch.Tensor)
+                   else type(padding_mask).__name__)
+            raise ValueError(f"padding_mask must be a bool tensor of the shape of tokens {(B, S)}, got {got}")
+
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
                 padding_mask: torch.Tensor | None = None) -> ModelOutput:
         """tokens, targets: (B, S) long; targets equal to -100 are ignored.
         padding_mask: (B, S) bool, True for real tokens; padding is left out of the balancing losses."""
-        B, S = tokens.shape
-        if S > self.cfg.seq_len:
-            raise ValueError(f"sequence length {S} exceeds ModelConfig.seq_len={self.cfg.seq_len}")
+        self._check_inputs(tokens, targets, padding_mask)
         x = self.embed(tokens)
         routing: list[RoutingInfo] = []
         for block in self.blocks:
