@@ -43,3 +43,31 @@ def test_bad_values_exit_2_with_one_line(args, needle):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["bench", "layer", "--top-k", "0"], "top_k=0 is invalid"),
+    (["bench", "layer", "--top-k", "5", "--num-experts", "4"], "top_k=5 is invalid: must be between 1 and "
+                                                              "num_experts=4"),
+    (["bench", "layer", "--num-experts", "0"], "num_experts=0 is invalid"),
+    (["bench", "layer", "--expert-hidden", "0"], "expert_hidden=0 is invalid"),
+    (["bench", "layer", "--tokens", "0"], "tokens=0 is invalid: must be an integer >= 1"),
+    (["bench", "layer", "--d-model", "-4"], "d_model=-4 is invalid: must be an integer >= 1"),
+    (["bench", "layer", "--repeats", "0"], "repeats=0 is invalid: must be an integer >= 1"),
+    (["bench", "layer", "--warmup", "-1"], "warmup=-1 is invalid: must be an integer >= 0"),
+    (["bench", "layer", "--device", "cuda:99"], "device='cuda:99' is invalid"),
+    (["bench", "train", "--steps", "0"], "steps=0 is invalid: must be >= 1"),
+    (["bench", "train", "--batch-size", "0"], "batch_size=0 is invalid: must be >= 1"),
+    (["bench", "train", "--presets", ","], "presets=[] is invalid"),
+    (["bench", "train", "--presets", "tiny,huge"], "preset='huge' is invalid"),
+])
+def test_bench_flags_are_validated_before_anything_runs(args, needle, capsys):
+    """Checked in-process (cheap): an exception escaping ``main`` would fail the test as a traceback would."""
+    from workbench.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], err

@@ -1,40 +1,61 @@
-"""The ``workbench`` command: ``train``, ``bench layer``, ``bench train``.
+"""The ``workbench`` command: ``train``, ``show``, ``bench layer``, ``bench train``.
 
 Every field of ``ModelConfig``, ``MoEConfig`` and ``TrainConfig`` is a ``train`` flag
-(``--num-experts 16``); the defaults shown by ``--help`` are the ``tiny`` preset's. A bad value
-exits with status 2 and one line naming the field and what is allowed.
+(``--num-experts 16``); the defaults shown by ``--help`` are the ``tiny`` preset's.
+
+Every fault is one line on stderr, never a traceback: a bad flag or config value, unusable
+data, a device this torch cannot use, a run directory that cannot be written, a checkpoint
+that cannot be written or read. Exit status: 0 done, 1 training diverged, 2 any other fault,
+130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import importlib
 import inspect
 import json
 import os
 import re
-import shutil
 import sys
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
 from workbench.config import ModelConfig, MoEConfig, preset
 from workbench.runtime import tune_cpu_allocator
-from workbench.train.config import BALANCE_RECIPES, TrainConfig, balance_recipe
+from workbench.train.config import AUTOCAST, BALANCE_RECIPES, DEVICES, TrainConfig, balance_recipe
+
+EXIT_DIVERGED, EXIT_FAULT, EXIT_INTERRUPTED = 1, 2, 130
 
 
 class _Parser(argparse.ArgumentParser):
     """Bad input: exit status 2 and one line naming the problem, no usage dump or traceback."""
 
     def error(self, message: str) -> typing.NoReturn:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(EXIT_FAULT, f"{self.prog}: error: {message}\n")
 
 
 def _usage_error(prog: str, message: str) -> typing.NoReturn:
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    print(f"{prog}: error: {_one_line(message)}", file=sys.stderr)
+    raise SystemExit(EXIT_FAULT)
+
+
+def _one_line(message: Any) -> str:
+    return " ".join(str(message).split())
+
+
+@contextlib.contextmanager
+def _one_line_warnings():
+    """Warnings as one ``workbench: warning: ...`` line each (not file:line plus source)."""
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *args, **kwargs: print(
+            f"workbench: warning: {_one_line(message)}", file=sys.stderr)
+        yield
 
 
 # --- config dataclasses as flags --------------------------------------------------------------
@@ -50,9 +71,63 @@ def _field_comments(cls: type) -> dict[str, str]:
     return {m.group(1): m.group(2).strip() for line in source.splitlines() if (m := pattern.match(line))}
 
 
+# Help for the fields whose definition carries no trailing comment.
+_HELP = {
+    "vocab_size": "token ids the model embeds; at least 256 for the byte tokenizer",
+    "seq_len": "tokens per training sequence (the context length)",
+    "d_model": "model (residual stream) width",
+    "n_layers": "transformer blocks",
+    "n_heads": "attention heads; must divide d_model, with an even head dimension",
+    "rope_base": "base of the rotary position embedding angles",
+    "norm_eps": "RMSNorm epsilon",
+    "dropout": "dropout on the attention and FFN outputs, in [0, 1)",
+    "tie_embeddings": "share the embedding matrix with the LM head",
+    "num_experts": "routed experts per MoE layer (E)",
+    "top_k": "experts each token is routed to (K)",
+    "router": "how tokens choose experts",
+    "normalize_topk": "renormalise the k selected gates to sum to one (none: the router's default)",
+    "dispatch": "how tokens reach their experts (all compute the same function)",
+    "num_shared_experts": "experts every token goes through, besides the routed ones",
+    "capacity_factor": "capacity dispatch: slots per expert = capacity_factor x T x K / E (none: never drop)",
+}
+
+
+def _choices(field_name: str) -> tuple[str, ...] | None:
+    """The allowed values of a choice field, read from the registries and config modules that
+    validate it (so help and validation cannot disagree)."""
+    if field_name == "router":
+        from workbench.moe import ROUTERS
+        return tuple(ROUTERS)
+    if field_name == "dispatch":
+        from workbench.moe import DISPATCHES
+        return tuple(DISPATCHES)
+    if field_name == "autocast":
+        return AUTOCAST
+    if field_name == "device":
+        return DEVICES
+    constant = {"drop_policy": "DROP_POLICIES", "expert_choice_eval": "EXPERT_CHOICE_EVAL"}.get(field_name)
+    if constant:
+        values = getattr(importlib.import_module(MoEConfig.__module__), constant, None)
+        return tuple(values) if values else None
+    return None
+
+
+_TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in _TRUE:
+        return True
+    if text.lower() in _FALSE:
+        return False
+    raise ValueError(text)
+
+
 def _parse_optional(kind: type) -> typing.Callable[[str], Any]:
+    convert = _parse_bool if kind is bool else kind
+
     def parse(text: str) -> Any:
-        return None if text.lower() == "none" else kind(text)
+        return None if text.lower() == "none" else convert(text)
 
     parse.__name__ = kind.__name__  # argparse names the type in its error message
     return parse
@@ -69,7 +144,11 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type, defaults: Any,
             continue
         kind = hints[f.name]
         default = getattr(defaults, f.name)
-        help_text = f"{comments.get(f.name, '')} (default: {default})".strip()
+        text = comments.get(f.name) or _HELP.get(f.name) or f.name.replace("_", " ")
+        choices = _choices(f.name)
+        if choices:
+            text = f"{text}; one of: {', '.join(choices)}"
+        help_text = f"{text} (default: {default})".replace("%", "%%")
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -78,7 +157,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type, defaults: Any,
         elif typing.get_origin(kind) in (typing.Union, types.UnionType):
             inner = [a for a in typing.get_args(kind) if a is not type(None)][0]
             kwargs["type"] = _parse_optional(inner)
-            kwargs["metavar"] = inner.__name__.upper() + "|none"
+            kwargs["metavar"] = ("true|false" if inner is bool else inner.__name__.upper()) + "|none"
         else:  # pragma: no cover - a field type this generator does not know
             continue
         group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
@@ -93,15 +172,31 @@ _MOE_FIELDS: list[str] = []
 _TRAIN_FIELDS: list[str] = []
 
 
+_TRAIN_DESCRIPTION = """\
+Train a compact Mixture-of-Experts language model on the built-in corpus (or on your own text
+with --data) and write checkpoints, metrics.jsonl, report.png and summary.json to --run-dir.
+
+Every field of the model, MoE and training configs is a flag; defaults are the tiny preset's.
+Start from --preset, apply a --balance recipe, then explicit flags. --resume continues a run
+bit for bit from its newest good checkpoint; see a run with `workbench show RUN_DIR`.
+
+Exit status: 0 done (or already finished), 1 training diverged (the last good checkpoint is
+kept), 2 a bad value or any other fault (one line on stderr), 130 interrupted by Ctrl-C."""
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a compact MoE LM", description=__doc__,
+    p = sub.add_parser("train", help="train a compact MoE LM", description=_TRAIN_DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", choices=["tiny", "small"], help="model preset (default: tiny)")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small"],
+                   help="model preset; one of: tiny, small (default: tiny)")
     p.add_argument("--dense", action="store_true", help="the dense baseline: no MoE layer")
     p.add_argument("--balance", choices=list(BALANCE_RECIPES),
-                   help="a load-balancing recipe; explicit loss-weight flags override it")
-    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir exactly")
-    p.add_argument("--overwrite", action="store_true", help="delete --run-dir's checkpoints and metrics first")
+                   help="a load-balancing recipe; explicit loss-weight flags override it; one of: "
+                        + ", ".join(BALANCE_RECIPES))
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir exactly (a finished run is left as it is)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --run-dir; it is deleted only once the new run has been checked")
     base = preset("tiny")
     _MODEL_FIELDS[:] = _add_config_flags(p, ModelConfig, base, "model (ModelConfig)", skip=("moe",))
     _MOE_FIELDS[:] = _add_config_flags(p, MoEConfig, base.moe, "MoE layers (MoEConfig)")
@@ -117,7 +212,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
     model_cfg = ModelConfig(**{**dataclasses.asdict(model_cfg), "moe": None if args.dense else model_cfg.moe,
                                **{k: given[k] for k in _MODEL_FIELDS if k in given}})
     train_cfg = TrainConfig(**{k: given[k] for k in _TRAIN_FIELDS if k in given})
-    if train_cfg.data is not None and not Path(train_cfg.data).exists():
+    if train_cfg.data is not None and not Path(train_cfg.data).expanduser().exists():
         raise ValueError(f"data={train_cfg.data!r} is invalid: the path does not exist")
     return model_cfg, train_cfg
 
@@ -135,54 +230,78 @@ def _run_train(args: argparse.Namespace) -> int:
                 _usage_error(prog, "--resume continues a run exactly: only --run-dir and --no-progress may be given")
             run_dir = vars(args).get("run_dir", TrainConfig().run_dir)
             trainer = Trainer.resume(run_dir, progress=vars(args).get("progress", True))
+            if trainer.finished:
+                print(f"{run_dir} is finished: step {trainer.step} of {trainer.cfg.steps}, nothing to do and "
+                      f"nothing changed (see it with: workbench show {run_dir})")
+                return 0
             print(f"resuming {run_dir} from step {trainer.step} ({trainer.resumed_from.name})")
         else:
             model_cfg, train_cfg = configs_from_args(args)
-            if args.overwrite:
-                _clear_run_dir(Path(train_cfg.run_dir))
-            trainer = Trainer(model_cfg, train_cfg)
-    except (ValueError, FileNotFoundError, CheckpointError) as err:
+            trainer = Trainer(model_cfg, train_cfg, overwrite=args.overwrite)
+    except (ValueError, OSError, CheckpointError) as err:
         _usage_error(prog, str(err))
 
     print(f"model: {trainer.model_cfg.num_params():,} parameters, {trainer.model_cfg.num_active_params():,} active "
-          f"per token; data: {', '.join(trainer.data.domains)}; run dir: {trainer.run_dir}")
+          f"per token; data: {', '.join(trainer.data.domains)}; run dir: {trainer.run_dir}", flush=True)
     try:
         trainer.fit()
     except TrainingDiverged as err:
-        print(f"{prog}: {err}", file=sys.stderr)
-        return 1
-    print(summarize(trainer))
+        print(f"{prog}: {_one_line(err)}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except KeyboardInterrupt:
+        print(f"{prog}: {_interrupted(trainer)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (CheckpointError, OSError, ValueError) as err:  # a full disk, a run dir that went away...
+        _usage_error(prog, f"{err}; training stopped at step {trainer.step}")
+    try:
+        print(summarize(trainer))
+    except OSError as err:
+        _usage_error(prog, f"training finished, but writing its summary failed: {err}")
     return 0
 
 
-def _clear_run_dir(run_dir: Path) -> None:
-    from workbench.train.checkpoint import list_checkpoints
-
-    for _, path in list_checkpoints(run_dir):
-        path.unlink()
-    for name in ("metrics.jsonl", "report.png", "summary.json"):
-        (run_dir / name).unlink(missing_ok=True)
-    if (run_dir / "wandb").is_dir():
-        shutil.rmtree(run_dir / "wandb")
+def _interrupted(trainer) -> str:
+    last = trainer.last_checkpoint()
+    if last is None:
+        return f"interrupted at step {trainer.step}, before the first checkpoint: nothing to resume"
+    return (f"interrupted at step {trainer.step}; the last checkpoint is {last} "
+            f"(continue with: workbench train --resume --run-dir {trainer.run_dir})")
 
 
 def summarize(trainer) -> str:
-    """The end-of-run summary; also writes ``report.png`` and ``summary.json`` to the run dir."""
+    """The end-of-run summary; also writes ``report.png`` and ``summary.json`` to the run dir.
+
+    A value that cannot be given (no validation window, no step timed in this process) is
+    ``null`` in ``summary.json`` and ``n/a`` with the reason in the text, never 0 or NaN.
+    """
     from workbench.bench.peak import measure_matmul_peak
+    from workbench.train.rundir import write_json_atomic
 
     history, ev, cfg = trainer.history, trainer.last_eval, trainer.model_cfg
     lines = [f"run dir: {trainer.run_dir}"]
-    tokens_per_s = trainer.throughput()
+    tokens_per_s: float | None = trainer.throughput()
     peak = measure_matmul_peak(trainer.device)
-    mfu = cfg.flops_per_token() * tokens_per_s / peak
-    lines.append(f"throughput: {tokens_per_s:,.0f} tokens/s; model FLOP utilisation {100 * mfu:.1f}% of a "
-                 f"{peak / 1e9:,.0f} GFLOP/s {trainer.device.type} matmul measured now")
+    if tokens_per_s is not None and tokens_per_s == tokens_per_s:  # not NaN
+        mfu: float | None = cfg.flops_per_token() * tokens_per_s / peak
+        lines.append(f"throughput: {tokens_per_s:,.0f} tokens/s; model FLOP utilisation {100 * mfu:.1f}% of a "
+                     f"{peak / 1e9:,.0f} GFLOP/s {trainer.device.type} matmul measured now")
+    else:
+        tokens_per_s = mfu = None
+        lines.append("throughput: n/a (no training step ran in this process)")
     summary: dict[str, Any] = {"step": trainer.step, "tokens_per_s": tokens_per_s, "mfu": mfu,
                                "matmul_peak_flops": peak, "flops_per_token": cfg.flops_per_token()}
     if ev is not None:
-        per_domain = " | ".join(f"{d} {v:.3f}" for d, v in ev.loss_per_domain.items())
-        lines.append(f"validation loss at step {ev.step} (nats/byte): {per_domain} | all {ev.loss:.3f}")
-        summary.update(val_loss=ev.loss, val_loss_per_domain=ev.loss_per_domain)
+        parts = [f"{d} {ev.loss_per_domain[d]:.3f}" if d in ev.loss_per_domain else f"{d} n/a"
+                 for d in ev.domains]
+        overall = f"{ev.loss:.3f}" if ev.loss is not None else "n/a"
+        lines.append(f"validation loss at step {ev.step} (nats/byte): {' | '.join(parts)} | all {overall}")
+        for d, why in ev.missing.items():
+            lines.append(f"  {d}: n/a, {why}")
+        summary.update(val_loss=ev.loss, val_loss_per_domain={d: ev.loss_per_domain.get(d) for d in ev.domains},
+                       val_missing=dict(ev.missing))
+    else:
+        lines.append("validation loss: n/a (no evaluation ran in this process)")
+        summary.update(val_loss=None, val_missing={"all": "no evaluation ran in this process"})
     tail = history[-10:]
     layers = sorted({k.split("/")[0] for r in tail for k in r if k.startswith("L") and k.endswith("/max_vio")})
     if layers:
@@ -198,8 +317,32 @@ def summarize(trainer) -> str:
         lines.append(f"report: {report}")
     except ImportError as err:
         lines.append(f"report skipped: {err}")
-    (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json_atomic(trainer.run_dir / "summary.json", summary)
     return "\n".join(lines)
+
+
+# --- show -------------------------------------------------------------------------------------
+
+
+def _add_show(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("show", help="what a run did, from its files (read only)",
+                       description="Print what a training run did: its config, steps, how it ended, the final "
+                                   "validation loss per domain, load balance and throughput. Reads the run's files "
+                                   "(run.json, checkpoints, metrics.jsonl, summary.json) and changes none of them; "
+                                   "works on finished, interrupted and diverged runs.")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run's folder (workbench train --run-dir)")
+    p.add_argument("--json", action="store_true", help="print the same facts as one JSON object")
+
+
+def _run_show(args: argparse.Namespace) -> int:
+    from workbench.train.show import describe_run, format_run
+
+    try:
+        info = describe_run(args.run_dir)
+    except (ValueError, OSError) as err:
+        _usage_error("workbench show", str(err))
+    print(json.dumps(info, indent=2, allow_nan=False) if args.json else format_run(info))
+    return 0
 
 
 # --- bench ------------------------------------------------------------------------------------
@@ -222,21 +365,23 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmarks")
     which = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     layer = which.add_parser("layer", help="MoE layer forward+backward vs a dense FFN and the loop reference",
+                             description="Time an MoE layer's forward + backward with each dispatch against a "
+                                         "dense SwiGLU FFN of the same active FLOPs.",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     defaults = LayerBenchConfig()
-    layer.add_argument("--tokens", type=int, default=defaults.tokens)
-    layer.add_argument("--d-model", type=int, default=defaults.d_model)
-    layer.add_argument("--expert-hidden", type=int, default=defaults.expert_hidden)
-    layer.add_argument("--num-experts", type=int, default=defaults.num_experts)
-    layer.add_argument("--top-k", type=int, default=defaults.top_k)
+    layer.add_argument("--tokens", type=int, default=defaults.tokens, help="tokens in the batch (T)")
+    layer.add_argument("--d-model", type=int, default=defaults.d_model, help="model width (D)")
+    layer.add_argument("--expert-hidden", type=int, default=defaults.expert_hidden, help="expert hidden size (H)")
+    layer.add_argument("--num-experts", type=int, default=defaults.num_experts, help="experts (E)")
+    layer.add_argument("--top-k", type=int, default=defaults.top_k, help="experts per token (K)")
     layer.add_argument("--dispatches", type=_dispatch_list, default=",".join(defaults.dispatches),
                        help="comma-separated dispatch names to time")
     layer.add_argument("--no-unfused", action="store_true",
                        help="skip timing sorted without the fused CPU expert kernel (sorted_unfused)")
-    layer.add_argument("--repeats", type=int, default=defaults.repeats)
-    layer.add_argument("--warmup", type=int, default=defaults.warmup)
-    layer.add_argument("--dtype", default=defaults.dtype, choices=["float32", "bfloat16"])
-    layer.add_argument("--device", default=defaults.device)
+    layer.add_argument("--repeats", type=int, default=defaults.repeats, help="timed rounds")
+    layer.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed rounds first")
+    layer.add_argument("--dtype", default=defaults.dtype, choices=["float32", "bfloat16"], help="parameter dtype")
+    layer.add_argument("--device", default=defaults.device, help="auto, cpu, cuda[:N], npu[:N] or mps")
     layer.add_argument("--json", type=Path, default=None, help="also write the result here")
     layer.add_argument("--no-allocator-tuning", action="store_true",
                        help="leave glibc's allocator as it is (see workbench.runtime)")
@@ -253,12 +398,15 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _run_bench_layer(args: argparse.Namespace) -> int:
     from workbench.bench.layer import LayerBenchConfig, format_layer_bench, run_layer_bench
 
+    try:
+        cfg = LayerBenchConfig(tokens=args.tokens, d_model=args.d_model, expert_hidden=args.expert_hidden,
+                               num_experts=args.num_experts, top_k=args.top_k, dispatches=args.dispatches,
+                               compare_unfused=not args.no_unfused, repeats=args.repeats, warmup=args.warmup,
+                               dtype=args.dtype, device=args.device)
+    except ValueError as err:
+        _usage_error("workbench bench layer", str(err))
     if not args.no_allocator_tuning:
         tune_cpu_allocator()
-    cfg = LayerBenchConfig(tokens=args.tokens, d_model=args.d_model, expert_hidden=args.expert_hidden,
-                           num_experts=args.num_experts, top_k=args.top_k, dispatches=args.dispatches,
-                           compare_unfused=not args.no_unfused, repeats=args.repeats, warmup=args.warmup,
-                           dtype=args.dtype, device=args.device)
     result = run_layer_bench(cfg, progress=sys.stdout.isatty())
     print(format_layer_bench(result))
     _write_json(args.json, result.to_dict())
@@ -266,14 +414,13 @@ def _run_bench_layer(args: argparse.Namespace) -> int:
 
 
 def _run_bench_train(args: argparse.Namespace) -> int:
-    from workbench.bench.train import format_train_bench, run_train_bench
+    from workbench.bench.train import check_train_bench_args, format_train_bench, run_train_bench
 
     presets = [p for p in args.presets.split(",") if p]
-    for name in presets:
-        try:
-            preset(name)
-        except ValueError as err:
-            _usage_error("workbench bench train", f"--presets: {err}")
+    try:
+        check_train_bench_args(presets, steps=args.steps, batch_size=args.batch_size)
+    except ValueError as err:
+        _usage_error("workbench bench train", str(err))
     results = run_train_bench(presets, steps=args.steps, batch_size=args.batch_size, dense=args.dense)
     print(format_train_bench(results))
     _write_json(args.json, results)
@@ -283,8 +430,13 @@ def _run_bench_train(args: argparse.Namespace) -> int:
 def _write_json(path: Path | None, data: Any) -> None:
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2))
+    from workbench.train.rundir import json_safe
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False))
+    except OSError as err:
+        _usage_error("workbench", f"could not write {path}: {err.strerror or err}")
     print(f"wrote {path}")
 
 
@@ -292,19 +444,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="workbench", description="A research workbench for Mixture-of-Experts LMs.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(sub)
+    _add_show(sub)
     _add_bench(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "train":
-        return _run_train(args)
-    if args.command == "bench" and args.bench == "layer":
-        return _run_bench_layer(args)
-    if args.command == "bench" and args.bench == "train":
-        return _run_bench_train(args)
-    raise AssertionError(f"unhandled command {args.command}")
+    commands = {"train": _run_train, "show": _run_show}
+    if args.command == "bench":
+        run = {"layer": _run_bench_layer, "train": _run_bench_train}[args.bench]
+    else:
+        run = commands[args.command]
+    with _one_line_warnings():
+        try:
+            return run(args)
+        except KeyboardInterrupt:  # Ctrl-C outside training (building the corpus, a benchmark)
+            print(f"workbench {args.command}: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -34,3 +34,35 @@ def write_domain_folder(root: Path) -> Path:
 @pytest.fixture
 def domain_folder(tmp_path) -> Path:
     return write_domain_folder(tmp_path / "corpus")
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``folder``: its bytes and modification time (ns), to prove nothing changed."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """``workbench ARGS`` in this process: (exit status, stdout, stderr). An exception that the
+    command lets escape (what would print a traceback) fails the calling test."""
+    from workbench.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(err: str) -> str:
+    """The single line of ``err``; fails when there are more (or a traceback)."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture(autouse=True)
+def _no_wandb(monkeypatch):
+    """The CLI turns wandb on (offline) unless WANDB_MODE says otherwise: keep tests off it."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")

@@ -22,6 +22,7 @@ from workbench.config import MoEConfig
 from workbench.moe import MoELayer, SwiGLUMLP, cpu_kernels
 
 UNFUSED_SUFFIX = "_unfused"
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(kw_only=True)
@@ -39,6 +40,27 @@ class LayerBenchConfig:
     dtype: str = "float32"
     device: str = "cpu"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Refuse bad values before anything is built, naming the field (as the configs do)."""
+        from workbench.moe import DISPATCHES
+        from workbench.train.trainer import resolve_device
+
+        for name, minimum in (("tokens", 1), ("d_model", 1), ("repeats", 1), ("warmup", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ValueError(f"{name}={value!r} is invalid: must be an integer >= {minimum}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is invalid: allowed values are {', '.join(DTYPES)}")
+        unknown = [d for d in self.dispatches if d not in DISPATCHES]
+        if unknown or not self.dispatches:
+            raise ValueError(f"dispatches={list(self.dispatches)!r} is invalid: allowed values are "
+                             f"{', '.join(DISPATCHES)}")
+        # the layer's own validation names num_experts, top_k, expert_hidden, capacity_factor
+        for dispatch in self.dispatches:
+            MoEConfig(num_experts=self.num_experts, top_k=self.top_k, expert_hidden=self.expert_hidden,
+                      dispatch=dispatch, capacity_factor=self.capacity_factor)
+        self.device = str(resolve_device(self.device))  # "auto" -> cuda or cpu; an unusable device is refused
 
 
 @dataclass

@@ -14,9 +14,22 @@ from workbench.config import preset
 from workbench.train import TrainConfig, Trainer
 
 
+def check_train_bench_args(presets: list[str], steps: int, batch_size: int | None) -> None:
+    """``ValueError`` naming the bad argument: no preset or an unknown one, steps or batch_size < 1."""
+    if not presets:
+        raise ValueError("presets=[] is invalid: give at least one preset, e.g. tiny,small")
+    for name in presets:
+        preset(name)
+    if steps < 1:
+        raise ValueError(f"steps={steps!r} is invalid: must be >= 1")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} is invalid: must be >= 1 (or leave it unset)")
+
+
 def run_train_bench(presets: list[str], steps: int = 12, warmup: int = 3, batch_size: int | None = None,
                     dense: bool = False) -> dict[str, Any]:
     """Time ``steps`` optimizer steps (after ``warmup``) of each preset on the built-in corpus."""
+    check_train_bench_args(presets, steps, batch_size)
     results: dict[str, Any] = {"runs": []}
     variants = [(name, False) for name in presets] + ([(name, True) for name in presets] if dense else [])
     for name, is_dense in variants:
@@ -25,7 +38,7 @@ def run_train_bench(presets: list[str], steps: int = 12, warmup: int = 3, batch_
             model_cfg = model_cfg.replace(moe=None)
         with tempfile.TemporaryDirectory() as run_dir:
             cfg = TrainConfig(steps=warmup + steps, run_dir=run_dir, progress=False,
-                              **({"batch_size": batch_size} if batch_size else {}))
+                              **({"batch_size": batch_size} if batch_size is not None else {}))
             trainer = Trainer(model_cfg, cfg)
             for _ in range(warmup + steps):
                 trainer.train_step()

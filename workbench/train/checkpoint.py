@@ -7,6 +7,12 @@ both configs. Tensors go in the safetensors body; the rest is JSON in its metada
 
 Writing goes to ``<name>.tmp`` first, is fsynced, then renamed over the final name, so a
 crash (even SIGKILL) leaves either the previous checkpoint or the new one, never half a file.
+A write that fails (disk full, permission lost) removes its temporary file and raises
+``CheckpointError``; older checkpoints are pruned only after the new one is in place.
+
+Loading checks a checkpoint against itself (every tensor has the shape its recorded
+``model_config`` gives, optimizer moments match their parameters) and, when the run directory
+has a ``run.json``, against the run (a checkpoint copied in from another run is refused).
 """
 
 from __future__ import annotations
@@ -140,15 +146,38 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
     }
     final = checkpoint_path(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException as err:  # KeyboardInterrupt too: never leave a temporary file behind
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) or _is_io_error(err):
+            previous = list_checkpoints(run_dir)
+            kept = (f"the previous checkpoint {previous[-1][1]} is kept" if previous
+                    else "no earlier checkpoint exists")
+            raise CheckpointError(f"could not write checkpoint {final}: {_describe_os_error(err)}; {kept}") from err
+        raise
     _fsync_dir(run_dir)
     if keep is not None:
         for _, old in list_checkpoints(run_dir)[:-keep]:
             old.unlink(missing_ok=True)
     return final
+
+
+def _is_io_error(err: BaseException) -> bool:
+    """safetensors reports a failed write (``ENOSPC``...) as its own exception type, not OSError."""
+    return type(err).__name__ == "SafetensorError"
+
+
+def _describe_os_error(err: BaseException) -> str:
+    """``No space left on device``, from an OSError or from safetensors' wrapped I/O error text."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    text = str(err)
+    m = re.search(r"I/O error: (.*?)(?: \(os error \d+\))?$", text)
+    return m.group(1) if m else (text or type(err).__name__)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -170,8 +199,12 @@ def _python_rng(value: Any) -> Any:
     return (version, tuple(internal), gauss)
 
 
-def load_checkpoint(path: Path) -> Checkpoint:
-    """Read and verify one checkpoint; ``CheckpointError`` names the file when it is unusable."""
+def load_checkpoint(path: Path, *, check_shapes: bool = True) -> Checkpoint:
+    """Read and verify one checkpoint; ``CheckpointError`` names the file when it is unusable.
+
+    With ``check_shapes`` (the default) every model tensor must have the shape that the
+    checkpoint's own ``model_config`` gives, and every optimizer moment its parameter's shape.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -191,7 +224,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
             rng["cuda"] = [tensors.pop(k) for k in cuda]
         model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
         optim_tensors = {k: v for k, v in tensors.items() if k.startswith("optim/")}
-        return Checkpoint(
+        ckpt = Checkpoint(
             step=int(metadata["step"]),
             model_state=model_state,
             optimizer_state=_optimizer_from_flat(optim_tensors, json.loads(metadata["optimizer"])),
@@ -203,13 +236,103 @@ def load_checkpoint(path: Path) -> Checkpoint:
         )
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} is incomplete: missing or bad entry {err}") from err
+    if check_shapes:
+        _check_shapes(path, ckpt.model_config, model_state, optim_tensors)
+    return ckpt
 
 
-def load_latest_checkpoint(run_dir: Path) -> Checkpoint | None:
-    """The newest checkpoint that loads; unreadable newer ones are skipped with a warning."""
-    for _, path in reversed(list_checkpoints(run_dir)):
-        try:
-            return load_checkpoint(path)
-        except CheckpointError as err:
-            warnings.warn(f"{err}; falling back to the previous checkpoint", stacklevel=2)
+def expected_shapes(model_config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The shape of every state-dict entry of ``MoELM`` built from ``model_config``.
+
+    The model is built on the meta device: no memory, no initialisation cost.
+    """
+    from workbench.config import ModelConfig
+    from workbench.model import MoELM
+
+    cfg = ModelConfig.from_dict(model_config)
+    with warnings.catch_warnings():  # e.g. expert choice's causality warning: not news when loading
+        warnings.simplefilter("ignore")
+        with torch.device("meta"):
+            model = MoELM(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _check_shapes(path: Path, model_config: dict[str, Any], model_state: dict[str, torch.Tensor],
+                  optim_tensors: dict[str, torch.Tensor]) -> None:
+    try:
+        want = expected_shapes(model_config)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path} records an invalid model_config: {err}") from err
+    prefix = f"checkpoint {path} does not match its recorded model_config"
+    missing = sorted(set(want) - set(model_state))
+    if missing:
+        raise CheckpointError(f"{prefix}: tensor 'model/{missing[0]}' is missing"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    extra = sorted(set(model_state) - set(want))
+    if extra:
+        raise CheckpointError(f"{prefix}: tensor 'model/{extra[0]}' is not part of that model"
+                              + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    for name, shape in want.items():
+        got = tuple(model_state[name].shape)
+        if got != shape:
+            raise CheckpointError(f"{prefix}: tensor 'model/{name}' has shape {got}, the config gives {shape}")
+    for key, value in optim_tensors.items():
+        _, name, field = key.split("/", 2)
+        if name not in want:
+            raise CheckpointError(f"{prefix}: optimizer state {key!r} names no parameter of that model")
+        if value.dim() > 0 and tuple(value.shape) != want[name]:
+            raise CheckpointError(f"{prefix}: optimizer state {key!r} has shape {tuple(value.shape)}, "
+                                  f"its parameter has {want[name]}")
+
+
+# Settings that may differ between a run's checkpoints: where the run lives and how it shows progress.
+_PER_PROCESS = ("run_dir", "progress")
+
+
+def config_difference(ckpt: Checkpoint, run: dict[str, Any]) -> str | None:
+    """The first field where ``ckpt``'s configs differ from the run's (``run.json``), or None."""
+    for section in ("model_config", "train_config"):
+        ours, theirs = _flatten(run.get(section) or {}), _flatten(getattr(ckpt, section))
+        for key in sorted(set(ours) | set(theirs)):
+            if key in _PER_PROCESS:
+                continue
+            if ours.get(key, "<unset>") != theirs.get(key, "<unset>"):
+                return (f"its {section} has {key}={theirs.get(key, '<unset>')!r}, "
+                        f"the run's (run.json) has {key}={ours.get(key, '<unset>')!r}")
     return None
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def latest_usable_checkpoint(run_dir: Path, run: dict[str, Any] | None = None
+                             ) -> tuple[Checkpoint | None, list[str]]:
+    """The newest checkpoint that loads and, when ``run`` (``run.json``) is given, belongs to that
+    run; plus one line for each newer checkpoint that was skipped and why."""
+    skipped: list[str] = []
+    candidates = list(reversed(list_checkpoints(run_dir)))
+    for i, (_, path) in enumerate(candidates):
+        try:
+            ckpt = load_checkpoint(path)
+            if run is not None and (diff := config_difference(ckpt, run)) is not None:
+                raise CheckpointError(f"checkpoint {path} belongs to another run: {diff}")
+            return ckpt, skipped
+        except CheckpointError as err:
+            older = candidates[i + 1][1].name if i + 1 < len(candidates) else None
+            skipped.append(str(err))
+            warnings.warn(f"{err}; " + (f"falling back to the previous checkpoint {older}" if older
+                                        else "no older checkpoint is left to fall back to"), stacklevel=3)
+    return None, skipped
+
+
+def load_latest_checkpoint(run_dir: Path, run: dict[str, Any] | None = None) -> Checkpoint | None:
+    """The newest usable checkpoint (see ``latest_usable_checkpoint``); unusable newer ones are
+    skipped with a warning that names the file and why."""
+    return latest_usable_checkpoint(run_dir, run)[0]

@@ -11,35 +11,54 @@ def _check(ok: bool, name: str, allowed: str, value: Any) -> None:
         raise ValueError(f"{name}={value!r} is invalid: {allowed}")
 
 
+AUTOCAST = ("auto", "bf16", "none")
+DEVICES = ("auto", "cpu", "cuda[:N]", "npu[:N]", "mps")
+
+
+def _device_syntax_ok(name: Any) -> bool:
+    """``auto``, ``cpu``, ``mps``, or ``cuda`` / ``npu`` with an optional ``:N`` (N >= 0).
+
+    Only the spelling: whether this machine's torch can use the device is checked when a
+    ``Trainer`` is built (``workbench.train.trainer.resolve_device``), so a config recorded on a
+    GPU machine still loads on a laptop.
+    """
+    if not isinstance(name, str):
+        return False
+    kind, sep, index = name.partition(":")
+    if kind in ("auto", "cpu", "mps"):
+        return not sep
+    return kind in ("cuda", "npu") and (not sep or (index.isdigit() and index.isascii()))
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     """One training run: optimisation, evaluation, checkpoints and data."""
 
-    steps: int = 300
+    steps: int = 300  # optimizer steps in the whole run
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 3e-3
+    lr: float = 3e-3  # peak learning rate (AdamW), reached after the warmup
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 30
+    warmup_steps: int = 30  # linear warmup from lr / warmup_steps to lr
     weight_decay: float = 0.1  # matrices only: not on norms, biases or the router's balancing bias
-    beta1: float = 0.9
-    beta2: float = 0.95
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
-    seed: int = 0
-    device: str = "auto"  # auto: cuda if available, else cpu
-    autocast: str = "auto"  # auto: bf16 autocast on CUDA, none on CPU; or "bf16" / "none"
+    seed: int = 0  # seeds the initialisation and the order of training batches
+    device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda[:N], npu[:N] or mps
+    autocast: str = "auto"  # auto (bf16 on CUDA, none elsewhere), bf16 or none
 
-    eval_every: int = 100  # also evaluated at the last step
+    eval_every: int = 100  # steps between validations; also evaluated at the last step
     eval_windows: int = 16  # validation windows per domain
-    checkpoint_every: int = 100  # also saved at the last step
-    keep_checkpoints: int = 2
+    checkpoint_every: int = 100  # steps between checkpoints; also saved at the last step
+    keep_checkpoints: int = 2  # newest checkpoints kept in run_dir
 
     data: str | None = None  # a text file or a folder of domain subfolders; None: built-in corpus
-    val_fraction: float = 0.05
+    val_fraction: float = 0.05  # share of documents held out for validation
     max_bytes_per_domain: int = 2_000_000  # built-in corpus size per domain
 
-    run_dir: str = "runs/latest"
-    wandb_project: str = "moe-workbench"
+    run_dir: str = "runs/latest"  # where checkpoints, metrics.jsonl, report.png and summary.json go
+    wandb_project: str = "moe-workbench"  # wandb project (tracking follows WANDB_MODE)
     progress: bool = True  # tqdm progress bar
 
     def __post_init__(self) -> None:
@@ -54,10 +73,12 @@ class TrainConfig:
         _check(0 <= self.beta2 < 1, "beta2", "must be in [0, 1)", self.beta2)
         _check(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)", self.grad_clip)
         _check(0 < self.val_fraction < 1, "val_fraction", "must be in (0, 1)", self.val_fraction)
-        _check(self.autocast in ("auto", "bf16", "none"), "autocast", "allowed values are auto, bf16, none",
-               self.autocast)
-        _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "npu", "mps"), "device",
-               "allowed values are auto, cpu, cuda[:N], npu[:N], mps", self.device)
+        _check(self.autocast in AUTOCAST, "autocast", "allowed values are " + ", ".join(AUTOCAST), self.autocast)
+        _check(_device_syntax_ok(self.device), "device", "allowed values are " + ", ".join(DEVICES), self.device)
+        if self.data is not None:
+            _check(isinstance(self.data, str) and self.data.strip() != "", "data",
+                   "give a text file or a folder of domain subfolders, or leave it unset (None) for the "
+                   "built-in corpus", self.data)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

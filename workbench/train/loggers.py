@@ -8,17 +8,12 @@ it raises turns tracking off with one warning while training goes on.
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from pathlib import Path
 from typing import Any
 
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no NaN / inf
-    return value
+from workbench.train.rundir import json_safe
 
 
 class JsonlLogger:
@@ -30,7 +25,7 @@ class JsonlLogger:
 
     def log(self, row: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
+            f.write(json.dumps(json_safe(row), allow_nan=False) + "\n")  # JSON has no NaN: null instead
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():
@@ -44,12 +39,19 @@ class JsonlLogger:
         return rows
 
     def truncate_after(self, step: int) -> list[dict[str, Any]]:
-        """Drop rows logged after ``step`` (a resumed run redoes them); returns the rows kept."""
-        rows = [r for r in self.read() if r.get("step", 0) <= step]
+        """Drop rows logged after ``step`` (a resumed run redoes them) and a line cut short by a
+        kill; returns the rows kept. The file is rewritten only when something is dropped."""
+        if not self.path.exists():
+            return []
+        lines = self.path.read_text().splitlines(keepends=True)
+        rows = self.read()
+        kept = [r for r in rows if r.get("step", 0) <= step]
+        if len(kept) == len(rows) == len(lines) and all(line.endswith("\n") for line in lines):
+            return kept
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
         os.replace(tmp, self.path)
-        return rows
+        return kept
 
 
 class WandbLogger:

@@ -6,15 +6,22 @@
 
 Batches are a pure function of (seed, step), so the data position in a checkpoint is the step.
 Loss-free balancing bias updates run right after ``optimizer.step()``, never inside forward.
+
+Everything that can be checked is checked when the trainer is built, before the run directory
+is touched: the configs, the device, the data (and that the vocabulary covers it), and that
+the run directory can be written. ``overwrite=True`` replaces an old run only after all that.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
+import socket
 import time
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +34,14 @@ from workbench.moe import routing_metrics
 from workbench.runtime import tune_cpu_allocator
 from workbench.train.checkpoint import (
     CheckpointError,
+    latest_usable_checkpoint,
     list_checkpoints,
-    load_latest_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
-from workbench.train.config import TrainConfig
+from workbench.train.config import DEVICES, TrainConfig
 from workbench.train.loggers import JsonlLogger, WandbLogger
+from workbench.train.rundir import check_run_dir, clear_run, new_run_info, read_run_info, update_run_info
 
 
 class TrainingDiverged(RuntimeError):
@@ -41,9 +49,42 @@ class TrainingDiverged(RuntimeError):
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device for ``TrainConfig.device``; ``ValueError`` naming ``device`` when this
+    process cannot use it (no CUDA in this torch build, no such GPU index, no torch_npu...)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+
+    def refuse(why: str) -> ValueError:
+        usable = ["auto", "cpu"] + [f"cuda (cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+                                    if torch.cuda.is_available() else ""]
+        return ValueError(f"device={name!r} is invalid: {why}; usable here: {', '.join(u for u in usable if u)}")
+
+    if name.partition(":")[0] == "npu":  # torch knows the npu device only once torch_npu is imported
+        try:
+            import torch_npu  # noqa: F401
+        except ImportError:
+            raise refuse("Ascend NPUs need torch_npu (pip install torch-npu, matching this torch)") from None
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device={name!r} is invalid: allowed values are {', '.join(DEVICES)}") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise refuse("this torch build cannot use CUDA (torch.cuda.is_available() is False)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise refuse(f"this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise refuse("MPS (Apple GPUs) is not available to this torch")
+    elif device.type == "npu":
+        npu = getattr(torch, "npu", None)
+        if npu is None or not npu.is_available():
+            raise refuse("torch_npu finds no Ascend NPU")
+        if device.index is not None and device.index >= npu.device_count():
+            raise refuse(f"this machine has {npu.device_count()} NPU(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"device={name!r} is invalid: allowed values are {', '.join(DEVICES)}")
+    return device
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -68,52 +109,99 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def build_data(cfg: TrainConfig, seq_len: int):
-    """The built-in corpus, or the user's file / folder when ``cfg.data`` names one."""
-    from workbench.data import LMData, build_corpus, load_text_corpus
+    """The built-in corpus, or the user's file / folder when ``cfg.data`` names one.
+
+    Too little text is blamed on its source (``data`` or ``max_bytes_per_domain``), not on ``seq_len``.
+    """
+    from workbench.data import DEFAULT_MAX_BYTES_PER_DOMAIN, DataTooSmallError, LMData, build_corpus, load_text_corpus
 
     if cfg.data is None:
-        corpus = build_corpus(max_bytes_per_domain=cfg.max_bytes_per_domain)
+        with warnings.catch_warnings(record=True) as left_out:  # a tiny budget leaves domains out: say it once
+            warnings.simplefilter("always")
+            corpus = build_corpus(max_bytes_per_domain=cfg.max_bytes_per_domain)
     else:
+        left_out = []
         corpus = load_text_corpus(cfg.data)
-    return LMData(corpus, seq_len=seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
-                  val_fraction=cfg.val_fraction, val_windows_per_domain=cfg.eval_windows)
+    try:
+        data = LMData(corpus, seq_len=seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
+                      val_fraction=cfg.val_fraction, val_windows_per_domain=cfg.eval_windows)
+    except DataTooSmallError as err:
+        tokens, window = err.train_tokens, err.window
+        if cfg.data is None:
+            raise ValueError(f"max_bytes_per_domain={cfg.max_bytes_per_domain} is invalid: the built-in corpus "
+                             f"then has {tokens} training tokens, fewer than one window of seq_len + 1 = {window} "
+                             f"(the default is {DEFAULT_MAX_BYTES_PER_DOMAIN})") from None
+        raise ValueError(f"data={cfg.data!r} is too small: its training split has {tokens} tokens, fewer than "
+                         f"one window of seq_len + 1 = {window}; give more text or a smaller seq_len") from None
+    for w in left_out:
+        warnings.warn(w.message, stacklevel=2)
+    return data
 
 
 @dataclass
 class EvalResult:
     step: int
-    loss: float
-    loss_per_domain: dict[str, float]
+    loss: float | None  # over every validation token; None when there is no validation window at all
+    loss_per_domain: dict[str, float]  # domains that have validation windows
     routing_matrix: torch.Tensor  # (moe layers, domains, experts) token-expert assignment counts
     domains: list[str]
+    missing: dict[str, str] = field(default_factory=dict)  # domain -> why it has no validation loss
 
 
 class Trainer:
-    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, data: Any = None, *, _resume: bool = False):
+    """Trains ``MoELM(model_cfg)`` as ``cfg`` says; see the module docstring.
+
+    ``overwrite=True`` replaces a run that already has checkpoints in ``cfg.run_dir``, once
+    everything else has been checked; without it such a directory is refused.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, data: Any = None, *, overwrite: bool = False,
+                 _resume: bool = False):
         self.model_cfg, self.cfg = model_cfg, cfg
         self.run_dir = Path(cfg.run_dir)
-        if not _resume and list_checkpoints(self.run_dir):
+        if not _resume and not overwrite and list_checkpoints(self.run_dir):
             raise ValueError(f"run_dir={str(self.run_dir)!r} already holds checkpoints: resume it "
-                             "(--resume / Trainer.resume) or choose another run_dir")
+                             "(--resume / Trainer.resume), replace it (--overwrite / overwrite=True) "
+                             "or choose another run_dir")
         self.device = resolve_device(cfg.device)
         if self.device.type == "cpu":
             tune_cpu_allocator()
         use_bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
 
+        self.data = data if data is not None else build_data(cfg, model_cfg.seq_len)
+        data_vocab = getattr(self.data, "vocab_size", None)
+        if data_vocab is not None and model_cfg.vocab_size < data_vocab:
+            raise ValueError(f"vocab_size={model_cfg.vocab_size} is invalid: the data's tokenizer produces ids up "
+                             f"to {data_vocab - 1}, so it must be >= {data_vocab}")
         torch.manual_seed(cfg.seed)
         self.model = MoELM(model_cfg).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
-        self.data = data if data is not None else build_data(cfg, model_cfg.seq_len)
+        if not _resume:  # a resumed run is checked when fit() starts: a finished one is never touched
+            check_run_dir(self.run_dir)
+        # Everything is checked: only now may an old run be replaced.
+        if overwrite and not _resume:
+            clear_run(self.run_dir)
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.last_eval: EvalResult | None = None
         self.metrics_log = JsonlLogger(self.run_dir / "metrics.jsonl")
         if not _resume:
             self.metrics_log.path.unlink(missing_ok=True)
+        self.run_info: dict[str, Any] | None = None  # run.json: read on resume, written when fit() starts
+        self.resumed_from: Path | None = None
         self._wandb: WandbLogger | None = None
         self._step_times: list[float] = []
+
+    @property
+    def finished(self) -> bool:
+        """The run reached its last step (``cfg.steps``): ``fit()`` has nothing left to do."""
+        return self.step >= self.cfg.steps
+
+    def last_checkpoint(self) -> Path | None:
+        ckpts = list_checkpoints(self.run_dir)
+        return ckpts[-1][1] if ckpts else None
 
     # --- construction from a checkpoint -----------------------------------------------------
 
@@ -127,18 +215,28 @@ class Trainer:
         if set(overrides) - allowed:
             raise ValueError(f"cannot override {sorted(set(overrides) - allowed)} when resuming; "
                              f"allowed: {sorted(allowed)}")
-        ckpt = load_latest_checkpoint(Path(run_dir))
+        run_dir = Path(run_dir)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ValueError(f"run_dir={str(run_dir)!r} is invalid: it is an existing file, not a run folder")
+        run_info = read_run_info(run_dir)
+        ckpt, skipped = latest_usable_checkpoint(run_dir, run_info)
         if ckpt is None:
-            raise CheckpointError(f"no readable checkpoint in {run_dir} to resume from")
+            why = f": {'; '.join(skipped)}" if skipped else ""
+            raise CheckpointError(f"no readable checkpoint in {run_dir} to resume from{why}")
         cfg = TrainConfig.from_dict({**ckpt.train_config, "run_dir": str(run_dir), **overrides})
         trainer = cls(ModelConfig.from_dict(ckpt.model_config), cfg, data, _resume=True)
-        trainer.model.load_state_dict(ckpt.model_state)
-        trainer.optimizer.load_state_dict(ckpt.optimizer_state)
-        trainer.scheduler.load_state_dict(ckpt.scheduler_state)
+        try:
+            trainer.model.load_state_dict(ckpt.model_state)
+            trainer.optimizer.load_state_dict(ckpt.optimizer_state)
+            trainer.scheduler.load_state_dict(ckpt.scheduler_state)
+        except (RuntimeError, ValueError, KeyError) as err:  # shapes were checked on load; this is a backstop
+            first = str(err).strip().splitlines()[0]
+            raise CheckpointError(f"checkpoint {ckpt.path} does not fit the model it records: {first}") from err
         restore_rng_state(ckpt.rng_state)
         trainer.step = ckpt.step
         trainer.history = trainer.metrics_log.truncate_after(ckpt.step)
         trainer.resumed_from = ckpt.path
+        trainer.run_info = run_info
         return trainer
 
     # --- the loop --------------------------------------------------------------------------
@@ -240,10 +338,14 @@ class Trainer:
                         ids_TK, domain_TK = ids_TK[mask], domain_TK[mask]
                     counts[li].index_put_((domain_TK.flatten(), ids_TK.flatten()), torch.ones(1, dtype=torch.long),
                                           accumulate=True)
-            losses[domain] = loss_sum / max(n, 1)
+            if n:
+                losses[domain] = loss_sum / n
             total_loss, total_tokens = total_loss + loss_sum, total_tokens + n
         model.train()
-        self.last_eval = EvalResult(self.step, total_loss / max(total_tokens, 1), losses, counts, domains)
+        missing = {d: getattr(self.data, "val_missing", {}).get(d, "it has no validation window")
+                   for d in domains if d not in losses}
+        self.last_eval = EvalResult(self.step, total_loss / total_tokens if total_tokens else None, losses, counts,
+                                    domains, missing)
         return self.last_eval
 
     def fit(self, callback: Callable[[Trainer, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
@@ -253,10 +355,19 @@ class Trainer:
         checkpoint written (live plots in notebooks use it).
         """
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.finished:  # a finished run: nothing to train, and nothing of it is rewritten
+            return self.history
+        check_run_dir(self.run_dir)
+        if self.run_info is None:
+            self.run_info = new_run_info(self.model_cfg.to_dict(), cfg.to_dict())
         self._wandb = WandbLogger(cfg.wandb_project, self.run_dir,
-                                  {"model": self.model_cfg.to_dict(), "train": cfg.to_dict()})
+                                  {"model": self.model_cfg.to_dict(), "train": cfg.to_dict()},
+                                  resume_id=self.run_info.get("wandb_run_id"))
+        update_run_info(self.run_dir, self.run_info, status="running", message=None, step=self.step,
+                        wandb_run_id=self._wandb.run_id or self.run_info.get("wandb_run_id"),
+                        pid=os.getpid(), host=socket.gethostname())
         bar = _progress(cfg.steps, self.step, cfg.progress)
+        outcome: tuple[str, str | None] = ("failed", "stopped by an error")
         try:
             while self.step < cfg.steps:
                 row = self.train_step()
@@ -265,6 +376,8 @@ class Trainer:
                     ev = self.evaluate()
                     row["val/loss"] = ev.loss
                     row.update({f"val/{d}": v for d, v in ev.loss_per_domain.items()})
+                    if ev.missing:  # not under "val/": plots take every "val/" key as a loss curve
+                        row["val_missing"] = dict(ev.missing)
                 self.history.append(row)
                 self.metrics_log.log(row)
                 self._wandb.log(row, self.step)
@@ -278,10 +391,22 @@ class Trainer:
                     if "max_vio" in row:
                         postfix["max_vio"] = f"{row['max_vio']:.2f}"
                     bar.set_postfix(postfix)
+            outcome = ("finished", None)
+        except TrainingDiverged as err:
+            outcome = ("diverged", str(err))
+            raise
+        except KeyboardInterrupt:
+            outcome = ("interrupted", f"stopped by Ctrl-C (KeyboardInterrupt) at step {self.step}")
+            raise
+        except Exception as err:
+            outcome = ("failed", f"{type(err).__name__}: {err}")
+            raise
         finally:
             if bar is not None:
                 bar.close()
             self._wandb.finish()
+            update_run_info(self.run_dir, self.run_info, status=outcome[0], message=outcome[1], step=self.step,
+                            last_checkpoint=(ck.name if (ck := self.last_checkpoint()) else None))
         return self.history
 
     def save(self) -> Path:
