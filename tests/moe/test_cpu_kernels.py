@@ -185,3 +185,17 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
         cpu_kernels._remove_stale_lock(stale)
     cpu_kernels._remove_stale_lock(fresh)
     assert not stale.exists() and fresh.exists()
+
+
+def test_the_build_folder_is_keyed_by_environment_torch_version_and_source(monkeypatch, tmp_path):
+    """torch's build file records the environment's absolute paths, so two virtual environments
+    sharing one build folder would rebuild it in turn: each environment gets its own folder,
+    and one environment always finds the same one."""
+    name = cpu_kernels._extension_name()
+    assert name == cpu_kernels._extension_name()
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "other-venv"))
+    other = cpu_kernels._extension_name()
+    assert other != name and other.rsplit("_env", 1)[0] == name.rsplit("_env", 1)[0]
+    monkeypatch.setattr(cpu_kernels, "_SOURCE", tmp_path / "changed.cpp")
+    (tmp_path / "changed.cpp").write_text("// another kernel source\n")
+    assert cpu_kernels._extension_name().rsplit("_env", 1)[0] != name.rsplit("_env", 1)[0]
