@@ -209,8 +209,9 @@ def _widgets():
 
 
 def redraw_on_change(plot: Callable[..., Any], controls: dict[str, Any]):
-    """Show ``controls`` (name -> ipywidgets control) above an output area in which
-    ``plot(**values)`` draws again each time a control's value changes; return the panel.
+    """A panel of ``controls`` (name -> ipywidgets control) above an output area in which
+    ``plot(**values)`` draws again each time a control's value changes. Like any widget, the
+    panel shows when it is a cell's result (or passed to ``display``).
 
     Nothing is drawn when the panel is built: the notebook calls ``plot`` once directly for the
     first view (so a headless run exercises the same code). Drawing into an Output widget during a
@@ -219,7 +220,6 @@ def redraw_on_change(plot: Callable[..., Any], controls: dict[str, Any]):
     and ``interactive_output`` draw at once, so they are not used here.
     """
     widgets = _widgets()
-    from IPython.display import display
     from ipywidgets.widgets.interaction import show_inline_matplotlib_plots
 
     out = widgets.Output()
@@ -232,9 +232,7 @@ def redraw_on_change(plot: Callable[..., Any], controls: dict[str, Any]):
 
     for control in controls.values():
         control.observe(redraw, names="value")
-    panel = widgets.VBox([widgets.HBox(list(controls.values())), out])
-    display(panel)
-    return panel
+    return widgets.VBox([widgets.HBox(list(controls.values())), out])
 
 
 def layer_picker(plot: Callable[[int], Any], layers: Sequence[int], description: str = "layer",
