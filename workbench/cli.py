@@ -389,9 +389,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     train = which.add_parser("train", help="training throughput (tokens/s, MFU) of the presets",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     train.add_argument("--presets", default="tiny,small", help="comma-separated presets")
-    train.add_argument("--steps", type=int, default=12, help="optimizer steps timed per preset (3 more warm up)")
+    train.add_argument("--steps", type=int, default=24,
+                       help="optimizer steps timed per preset (3 more warm up), in rounds of 3")
     train.add_argument("--batch-size", type=int, default=None, help="default: each preset's training batch")
-    train.add_argument("--dense", action="store_true", help="time the dense baselines as well")
+    train.add_argument("--dense", action="store_true",
+                       help="time each preset's dense twin as well, taking turns, and report the ratio")
     train.add_argument("--json", type=Path, default=None, help="also write the result here")
 
 
