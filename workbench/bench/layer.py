@@ -20,6 +20,7 @@ import torch
 
 from workbench.config import MoEConfig
 from workbench.moe import MoELayer, SwiGLUMLP, cpu_kernels
+from workbench.validation import check, check_choice, check_int
 
 UNFUSED_SUFFIX = "_unfused"
 DTYPES = ("float32", "bfloat16")
@@ -47,15 +48,11 @@ class LayerBenchConfig:
         from workbench.train.trainer import resolve_device
 
         for name, minimum in (("tokens", 1), ("d_model", 1), ("repeats", 1), ("warmup", 0)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ValueError(f"{name}={value!r} is invalid: must be an integer >= {minimum}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} is invalid: allowed values are {', '.join(DTYPES)}")
-        unknown = [d for d in self.dispatches if d not in DISPATCHES]
-        if unknown or not self.dispatches:
-            raise ValueError(f"dispatches={list(self.dispatches)!r} is invalid: allowed values are "
-                             f"{', '.join(DISPATCHES)}")
+            check_int(name, getattr(self, name), minimum)
+        check_choice("dtype", self.dtype, DTYPES)
+        check(bool(self.dispatches), "dispatches", "give at least one of " + ", ".join(DISPATCHES), self.dispatches)
+        for dispatch in self.dispatches:
+            check_choice("dispatches", dispatch, DISPATCHES)
         # the layer's own validation names num_experts, top_k, expert_hidden, capacity_factor
         for dispatch in self.dispatches:
             MoEConfig(num_experts=self.num_experts, top_k=self.top_k, expert_hidden=self.expert_hidden,

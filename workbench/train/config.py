@@ -5,10 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-
-def _check(ok: bool, name: str, allowed: str, value: Any) -> None:
-    if not ok:
-        raise ValueError(f"{name}={value!r} is invalid: {allowed}")
+from workbench.validation import check as _check
 
 
 AUTOCAST = ("auto", "bf16", "none")
