@@ -7,7 +7,6 @@ from typing import Any
 
 from workbench.validation import check as _check
 
-
 AUTOCAST = ("auto", "bf16", "none")
 DEVICES = ("auto", "cpu", "cuda[:N]", "npu[:N]", "mps")
 
