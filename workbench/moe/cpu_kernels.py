@@ -140,17 +140,17 @@ class _FusedSwiGLUExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_ND, w1_EDH, w3_EDH, w2_EHD, counts):
-        out_ND, gate_up_N2H = require_kernel().swiglu_experts_forward(x_ND, None, w1_EDH, w3_EDH, w2_EHD, counts)
-        ctx.save_for_backward(x_ND, gate_up_N2H, w1_EDH, w3_EDH, w2_EHD)
+        out_ND, gate_NH, up_NH = require_kernel().swiglu_experts_forward(x_ND, None, w1_EDH, w3_EDH, w2_EHD, counts)
+        ctx.save_for_backward(x_ND, gate_NH, up_NH, w1_EDH, w3_EDH, w2_EHD)
         ctx.counts = counts
         return out_ND
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_ND):
-        x_ND, gate_up_N2H, w1_EDH, w3_EDH, w2_EHD = ctx.saved_tensors
+        x_ND, gate_NH, up_NH, w1_EDH, w3_EDH, w2_EHD = ctx.saved_tensors
         grad_x_ND, _, *grad_weights = require_kernel().swiglu_experts_backward(
-            grad_ND.contiguous(), x_ND, None, None, None, gate_up_N2H, w1_EDH, w3_EDH, w2_EHD, ctx.counts)
+            grad_ND.contiguous(), x_ND, None, None, None, gate_NH, up_NH, w1_EDH, w3_EDH, w2_EHD, ctx.counts)
         return grad_x_ND, *grad_weights, None
 
 
@@ -197,21 +197,21 @@ class _FusedSortedExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, weights_TK, w1_EDH, w3_EDH, w2_EHD, sorted_to_pair_N, pair_to_sorted_N, counts):
         token_of_row_N = sorted_to_pair_N // weights_TK.shape[1]
-        out_sorted_ND, gate_up_N2H = require_kernel().swiglu_experts_forward(
+        out_sorted_ND, gate_NH, up_NH = require_kernel().swiglu_experts_forward(
             x_TD, token_of_row_N, w1_EDH, w3_EDH, w2_EHD, counts)
         ctx.save_for_backward(x_TD, weights_TK, sorted_to_pair_N, pair_to_sorted_N, token_of_row_N, out_sorted_ND,
-                              gate_up_N2H, w1_EDH, w3_EDH, w2_EHD)
+                              gate_NH, up_NH, w1_EDH, w3_EDH, w2_EHD)
         ctx.counts = counts
         return combine(out_sorted_ND, pair_to_sorted_N.view_as(weights_TK), weights_TK)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_TD):
-        (x_TD, weights_TK, sorted_to_pair_N, pair_to_sorted_N, token_of_row_N, out_sorted_ND, gate_up_N2H,
+        (x_TD, weights_TK, sorted_to_pair_N, pair_to_sorted_N, token_of_row_N, out_sorted_ND, gate_NH, up_NH,
          w1_EDH, w3_EDH, w2_EHD) = ctx.saved_tensors
         weight_of_row_N = weights_TK.flatten().index_select(0, sorted_to_pair_N).to(x_TD.dtype)
         grad_rows_ND, grad_weight_of_row_N, *grad_expert_weights = require_kernel().swiglu_experts_backward(
-            grad_TD.contiguous(), x_TD, token_of_row_N, weight_of_row_N, out_sorted_ND, gate_up_N2H,
+            grad_TD.contiguous(), x_TD, token_of_row_N, weight_of_row_N, out_sorted_ND, gate_NH, up_NH,
             w1_EDH, w3_EDH, w2_EHD, ctx.counts)
         grad_x_TD = sum_rows_per_token(grad_rows_ND, pair_to_sorted_N, weights_TK.shape[1])
         grad_weights_TK = (in_pair_order(grad_weight_of_row_N, sorted_to_pair_N)

@@ -102,12 +102,8 @@ Tensor input_rows(const Tensor& x, const Tensor& token, int64_t row, int64_t num
 
 }  // namespace
 
-// W1 and W3 side by side, (E, D, 2H): the gate and up projections of a row are one GEMM with
-// twice the columns (fewer, larger GEMMs), and the input gradient is one GEMM instead of two.
-Tensor stack_gate_up(const Tensor& w1, const Tensor& w3) { return at::cat({w1, w3}, 2); }
-
-// Forward. Returns (out, gate_up): out (N, D) holds expert_e(input row) for every row, sorted
-// by expert; gate_up (N, 2H) = input [W1 | W3] is kept for the backward. With `token` (N,)
+// Forward. Returns (out, gate, up): out (N, D) holds expert_e(input row) for every row, sorted
+// by expert; gate = input W1 and up = input W3 are kept for the backward. With `token` (N,)
 // given, input row n is x[token[n]] (the permutation is fused in: no sorted copy of x is made).
 std::vector<Tensor> swiglu_experts_forward(const Tensor& x, const std::optional<Tensor>& token,
                                            const Tensor& w1, const Tensor& w3, const Tensor& w2,
@@ -115,18 +111,18 @@ std::vector<Tensor> swiglu_experts_forward(const Tensor& x, const std::optional<
   const Tensor tok = token.value_or(Tensor());
   check_inputs(x, tok, w1, w3, w2, counts);
   const int64_t N = tok.defined() ? tok.size(0) : x.size(0), D = x.size(1), H = w1.size(2);
-  const Tensor w13 = stack_gate_up(w1, w3);
   Tensor out = at::empty({N, D}, x.options());
-  Tensor gate_up = at::empty({N, 2 * H}, x.options());
+  Tensor gate = at::empty({N, H}, x.options());
+  Tensor up = at::empty({N, H}, x.options());
   for_each_segment(partition_rows(counts, num_parts(N)), [&](const Segment& s, int64_t) {
     const Tensor x_s = input_rows(x, tok, s.row, s.num_rows);
-    Tensor gate_up_s = gate_up.narrow(0, s.row, s.num_rows);
+    Tensor gate_s = gate.narrow(0, s.row, s.num_rows), up_s = up.narrow(0, s.row, s.num_rows);
     Tensor out_s = out.narrow(0, s.row, s.num_rows);
-    at::mm_out(gate_up_s, x_s, w13[s.expert]);
-    const Tensor hidden_s = at::silu(gate_up_s.narrow(1, 0, H)).mul_(gate_up_s.narrow(1, H, H));
-    at::mm_out(out_s, hidden_s, w2[s.expert]);
+    at::mm_out(gate_s, x_s, w1[s.expert]);
+    at::mm_out(up_s, x_s, w3[s.expert]);
+    at::mm_out(out_s, at::silu(gate_s).mul_(up_s), w2[s.expert]);
   });
-  return {out, gate_up};
+  return {out, gate, up};
 }
 
 // Backward. Returns (grad_rows, grad_row_weight, grad_w1, grad_w3, grad_w2); grad_rows (N, D)
@@ -138,7 +134,7 @@ std::vector<Tensor> swiglu_experts_forward(const Tensor& x, const std::optional<
 // silu(gate) and the hidden are recomputed in cache.
 std::vector<Tensor> swiglu_experts_backward(const Tensor& grad_out, const Tensor& x, const std::optional<Tensor>& token,
                                             const std::optional<Tensor>& row_weight, const std::optional<Tensor>& out,
-                                            const Tensor& gate_up, const Tensor& w1, const Tensor& w3,
+                                            const Tensor& gate, const Tensor& up, const Tensor& w1, const Tensor& w3,
                                             const Tensor& w2, const std::vector<int64_t>& counts) {
   const Tensor tok = token.value_or(Tensor()), weight = row_weight.value_or(Tensor());
   const Tensor out_rows = out.value_or(Tensor());
@@ -147,21 +143,20 @@ std::vector<Tensor> swiglu_experts_backward(const Tensor& grad_out, const Tensor
   TORCH_CHECK(tok.defined() == weight.defined() && weight.defined() == out_rows.defined(),
               "fused SwiGLU experts: token, row_weight and out come together");
   const auto matches = [](const Tensor& t, at::IntArrayRef sizes) { return t.sizes() == sizes && t.is_contiguous(); };
-  TORCH_CHECK(matches(gate_up, {N, 2 * H}) && matches(grad_out, {tok.defined() ? x.size(0) : N, D}),
-              "fused SwiGLU experts: grad_out and gate_up must be contiguous and match the forward");
+  TORCH_CHECK(matches(gate, {N, H}) && matches(up, {N, H}) && matches(grad_out, {tok.defined() ? x.size(0) : N, D}),
+              "fused SwiGLU experts: grad_out, gate and up must be contiguous and match the forward");
   TORCH_CHECK(!weight.defined() || (matches(weight, {N}) && matches(out_rows, {N, D}) &&
                                     weight.scalar_type() == x.scalar_type()),
               "fused SwiGLU experts: row_weight (N,) in the dtype of x and out (N, D) must be contiguous");
   const auto segments = partition_rows(counts, num_parts(N));
-  const Tensor w13 = stack_gate_up(w1, w3);
   Tensor grad_rows = at::empty({N, D}, x.options());
   Tensor grad_row_weight = weight.defined() ? at::empty({N}, x.options()) : Tensor();
-  Tensor grad_w13 = at::empty_like(w13), grad_w2 = at::empty_like(w2);
+  Tensor grad_w1 = at::empty_like(w1), grad_w3 = at::empty_like(w3), grad_w2 = at::empty_like(w2);
   for (int64_t e = 0; e < static_cast<int64_t>(counts.size()); ++e) {
-    if (counts[e] == 0) grad_w13[e].zero_(), grad_w2[e].zero_();  // as in the reference
+    if (counts[e] == 0) grad_w1[e].zero_(), grad_w3[e].zero_(), grad_w2[e].zero_();  // as in the reference
   }
   // a shared expert's partial sums, one slot per (part, first or last segment of the part)
-  std::vector<std::array<Tensor, 2>> partial(2 * segments.size());
+  std::vector<std::array<Tensor, 3>> partial(2 * segments.size());
 
   for_each_segment(segments, [&](const Segment& s, int64_t part) {
     Tensor g_s = input_rows(grad_out, tok, s.row, s.num_rows);  // upstream gradient of each row
@@ -171,26 +166,24 @@ std::vector<Tensor> swiglu_experts_backward(const Tensor& grad_out, const Tensor
       g_s = g_s * weight.narrow(0, s.row, s.num_rows).unsqueeze(1);
     }
     const Tensor x_s = input_rows(x, tok, s.row, s.num_rows);
-    const Tensor gate_up_s = gate_up.narrow(0, s.row, s.num_rows);
-    const Tensor gate_s = gate_up_s.narrow(1, 0, H), up_s = gate_up_s.narrow(1, H, H);
-    Tensor gw13, gw2;
+    const Tensor gate_s = gate.narrow(0, s.row, s.num_rows), up_s = up.narrow(0, s.row, s.num_rows);
+    Tensor gw1, gw3, gw2;
     if (s.whole_expert) {
-      gw13 = grad_w13[s.expert], gw2 = grad_w2[s.expert];
+      gw1 = grad_w1[s.expert], gw3 = grad_w3[s.expert], gw2 = grad_w2[s.expert];
     } else {
-      gw13 = at::empty_like(w13[0]), gw2 = at::empty_like(w2[0]);
-      partial[2 * part + (s.row == segments[part].front().row ? 0 : 1)] = {gw13, gw2};
+      gw1 = at::empty_like(w1[0]), gw3 = at::empty_like(w3[0]), gw2 = at::empty_like(w2[0]);
+      partial[2 * part + (s.row == segments[part].front().row ? 0 : 1)] = {gw1, gw3, gw2};
     }
     const Tensor act_s = at::silu(gate_s);
     at::mm_out(gw2, (act_s * up_s).t(), g_s);  // dW2 = hidden^T g
     Tensor grad_hidden = at::mm(g_s, w2[s.expert].t());
-    // [d gate | d up], side by side as the forward's [gate | up]
-    Tensor grad_gate_up = at::empty({s.num_rows, 2 * H}, x.options());
-    Tensor grad_gate = grad_gate_up.narrow(1, 0, H), grad_up = grad_gate_up.narrow(1, H, H);
-    at::mul_out(grad_up, grad_hidden, act_s);
-    at::silu_backward_out(grad_gate, grad_hidden.mul_(up_s), gate_s);
-    at::mm_out(gw13, x_s.t(), grad_gate_up);  // [dW1 | dW3] = x^T [d gate | d up]
+    const Tensor grad_up = grad_hidden * act_s;
+    const Tensor grad_gate = at::silu_backward(grad_hidden.mul_(up_s), gate_s);
+    at::mm_out(gw1, x_s.t(), grad_gate);
+    at::mm_out(gw3, x_s.t(), grad_up);
     Tensor grad_rows_s = grad_rows.narrow(0, s.row, s.num_rows);
-    at::mm_out(grad_rows_s, grad_gate_up, w13[s.expert].t());
+    at::mm_out(grad_rows_s, grad_gate, w1[s.expert].t());
+    grad_rows_s.addmm_(grad_up, w3[s.expert].t());
   });
 
   // sum the partial weight gradients of shared experts, in part order (deterministic)
@@ -200,12 +193,11 @@ std::vector<Tensor> swiglu_experts_backward(const Tensor& grad_out, const Tensor
       const auto& sums = partial[2 * p + end];
       if (!sums[0].defined()) continue;
       const int64_t e = (end == 0 ? segments[p].front() : segments[p].back()).expert;
-      Tensor grads[2] = {grad_w13[e], grad_w2[e]};
-      for (int i = 0; i < 2; ++i) started[e] ? grads[i].add_(sums[i]) : grads[i].copy_(sums[i]);
+      Tensor grads[3] = {grad_w1[e], grad_w3[e], grad_w2[e]};
+      for (int i = 0; i < 3; ++i) started[e] ? grads[i].add_(sums[i]) : grads[i].copy_(sums[i]);
       started[e] = true;
     }
   }
-  Tensor grad_w1 = grad_w13.narrow(2, 0, H).contiguous(), grad_w3 = grad_w13.narrow(2, H, H).contiguous();
   return {grad_rows, grad_row_weight, grad_w1, grad_w3, grad_w2};
 }
 
