@@ -43,7 +43,7 @@ lint: setup
 
 bench: setup
 	$(BIN)/workbench bench layer --json runs/bench/layer.json
-	$(BIN)/workbench bench train --json runs/bench/train.json
+	$(BIN)/workbench bench train --dense --json runs/bench/train.json
 
 lab: setup
 	$(BIN)/jupyter lab notebooks
