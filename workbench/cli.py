@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib
 import inspect
 import json
 import os
@@ -105,10 +104,12 @@ def _choices(field_name: str) -> tuple[str, ...] | None:
         return AUTOCAST
     if field_name == "device":
         return DEVICES
-    constant = {"drop_policy": "DROP_POLICIES", "expert_choice_eval": "EXPERT_CHOICE_EVAL"}.get(field_name)
-    if constant:
-        values = getattr(importlib.import_module(MoEConfig.__module__), constant, None)
-        return tuple(values) if values else None
+    if field_name == "drop_policy":
+        from workbench.moe.config import DROP_POLICIES
+        return DROP_POLICIES
+    if field_name == "expert_choice_eval":
+        from workbench.moe.config import EXPERT_CHOICE_EVAL
+        return EXPERT_CHOICE_EVAL
     return None
 
 

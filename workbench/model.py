@@ -146,9 +146,11 @@ class MoELM(nn.Module):
             if targets.dtype not in (torch.long, torch.int32):
                 raise ValueError(f"targets must hold integer token ids (torch.long), got dtype {targets.dtype}")
             real = targets[targets != -100]
-            if real.numel() and (int(real.min()) < 0 or int(real.max()) >= V):
-                raise ValueError(f"targets holds ids outside [0, vocab_size={V}) (other than -100, ignored): "
-                                 f"min {int(real.min())}, max {int(real.max())}")
+            if real.numel():
+                lo, hi = (int(v) for v in torch.aminmax(real))
+                if lo < 0 or hi >= V:
+                    raise ValueError(f"targets holds ids outside [0, vocab_size={V}) (other than -100, ignored): "
+                                     f"min {lo}, max {hi}")
         if padding_mask is not None and (not isinstance(padding_mask, torch.Tensor)
                                          or padding_mask.shape != tokens.shape or padding_mask.dtype != torch.bool):
             got = (f"{tuple(padding_mask.shape)} {padding_mask.dtype}" if isinstance(padding_mask, torch.Tensor)

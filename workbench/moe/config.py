@@ -12,11 +12,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from workbench.moe.dispatch import DISPATCHES
+from workbench.moe.dispatch import DISPATCHES, DROP_POLICIES
 from workbench.moe.routers import ROUTERS, router_class
 from workbench.validation import check, check_choice, check_int
 
-DROP_POLICIES = ("position", "score")
 EXPERT_CHOICE_EVAL = ("expert_choice", "token_choice")
 
 

@@ -111,6 +111,8 @@ def sorted_dispatch(x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLUEx
 
 # --- capacity: fixed slots per expert, overflow dropped ---------------------------------
 
+DROP_POLICIES = ("position", "score")  # which assignments keep their slot when an expert is full
+
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float | None) -> int:
     """C = ceil(capacity_factor * T * K / E) (Switch Transformer eq. 3, with k slots per token).
@@ -129,13 +131,11 @@ def _pair_priority(routing: RouterOutput, drop_policy: str) -> torch.Tensor:
     each round (GShard, Lepikhin et al. 2020, Algorithm 1; Switch keeps the earliest tokens).
     ``score``: highest gate weight first (Batch Prioritized Routing, Riquelme et al. 2021).
     """
-    T, K = routing.expert_ids_TK.shape
-    if drop_policy == "position":
-        return torch.arange(T * K, device=routing.expert_ids_TK.device).view(T, K).t().flatten()
+    check_choice("drop_policy", drop_policy, DROP_POLICIES)
     if drop_policy == "score":
         return routing.weights_TK.flatten().argsort(descending=True, stable=True)
-    check_choice("drop_policy", drop_policy, ("position", "score"))
-    raise AssertionError("unreachable")
+    T, K = routing.expert_ids_TK.shape
+    return torch.arange(T * K, device=routing.expert_ids_TK.device).view(T, K).t().flatten()
 
 
 def capacity_dispatch(x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLUExperts, *,

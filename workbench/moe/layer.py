@@ -51,7 +51,6 @@ class MoELayer(nn.Module):
         self.shared_experts = SwiGLUMLP(d_model, cfg.shared_hidden) if cfg.shared_hidden else None
         # Qwen2-MoE gates the shared expert per token with sigmoid(x . w_g).
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if cfg.shared_expert_gate else None
-        self.counts_load = cfg.bias_update_rate > 0
         # Assignments counted since the last bias update (loss-free balancing). Training-only state
         # that is zero at every optimizer step boundary (where checkpoints are written), so it is
         # not part of the state dict: a plain state dict loads with strict=True.
@@ -71,7 +70,7 @@ class MoELayer(nn.Module):
                 shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD))
             y_TD = y_TD + shared_TD
 
-        if self.training and self.counts_load:
+        if self.training and self.cfg.bias_update_rate > 0:
             self.load_since_update += stats.tokens_per_expert.to(self.load_since_update.dtype)
 
         losses, weighted = self._balance_losses(routing, (B, S), padding_mask_BS)
