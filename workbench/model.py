@@ -181,10 +181,11 @@ class MoELM(nn.Module):
         return [b.ffn for b in self.blocks if b.is_moe]
 
     @torch.no_grad()
-    def update_router_biases(self) -> None:
-        """Loss-free balancing: call right after ``optimizer.step()``."""
+    def finish_optimizer_step(self) -> None:
+        """Call right after every ``optimizer.step()``: each MoE layer updates its loss-free
+        balancing bias and resets its per-step counters (``MoELayer.finish_step``)."""
         for layer in self.moe_layers():
-            layer.update_bias()
+            layer.finish_step()
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -160,7 +160,7 @@ def test_layer_counts_load_in_training_and_updates_only_when_asked():
                                (info.tokens_per_expert + info2.tokens_per_expert).float())
     assert torch.all(layer.router.bias == 0)  # forward never touches the bias
     load = layer.load_since_update.clone()
-    layer.update_bias()
+    layer.finish_step()
     expected = 0.05 * torch.sign(load.mean() - load)
     torch.testing.assert_close(layer.router.bias, expected)
     assert layer.load_since_update.sum() == 0

@@ -90,7 +90,7 @@ def test_it_trains_with_loss_free_balancing(mlp_router):
         opt.zero_grad()
         out.loss.backward()
         opt.step()
-        model.update_router_biases()
+        model.finish_optimizer_step()
         losses.append(out.lm_loss.item())
     assert losses[-1] < losses[0] - 1.0
     assert model.moe_layers()[0].router.out.grad.abs().sum() > 0

@@ -46,7 +46,7 @@ def test_every_router_trains_end_to_end_in_the_tiny_model(name):
                 if ".router." in n:
                     assert p.grad is not None and torch.isfinite(p.grad).all(), n
         opt.step()
-        model.update_router_biases()
+        model.finish_optimizer_step()
         losses.append(out.loss.item())
         assert math.isfinite(losses[-1]), f"step {step}: loss {losses[-1]}"
         for info in out.routing:

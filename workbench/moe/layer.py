@@ -100,9 +100,11 @@ class MoELayer(nn.Module):
         return losses, weighted
 
     @torch.no_grad()
-    def update_bias(self) -> None:
-        """Loss-free balancing step from the loads counted since the last call (optimizer step)."""
-        if self.cfg.bias_update_rate > 0 and self.load_since_update.sum() > 0:
-            balance.update_router_bias(self.router.bias, self.load_since_update, self.cfg.bias_update_rate,
-                                       self.cfg.bias_recenter)
+    def finish_step(self) -> None:
+        """End of an optimizer step: the loss-free bias update from the loads counted since the last
+        call, then the counter reset. Call it once after every ``optimizer.step()``."""
+        cfg = self.cfg
+        if cfg.bias_update_rate > 0 and self.load_since_update.sum() > 0:
+            balance.update_router_bias(self.router.bias, self.load_since_update, cfg.bias_update_rate,
+                                       cfg.bias_recenter)
         self.load_since_update.zero_()
