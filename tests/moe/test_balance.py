@@ -164,3 +164,47 @@ def test_layer_counts_load_in_training_and_updates_only_when_asked():
     expected = 0.05 * torch.sign(load.mean() - load)
     torch.testing.assert_close(layer.router.bias, expected)
     assert layer.load_since_update.sum() == 0
+
+
+def test_bias_update_proportional_rule_moves_by_the_relative_violation():
+    load = torch.tensor([10.0, 2.0, 6.0, 6.0])  # mean 6: violations e = [-4, 4, 0, 0]
+    bias = torch.tensor([0.5, 0.0, 0.0, -0.5])
+    update_router_bias(bias, load, rate=0.3, rule="proportional")
+    expected = torch.tensor([0.5, 0.0, 0.0, -0.5]) + 0.3 * torch.tensor([-4.0, 4.0, 0.0, 0.0]) / 6.0
+    torch.testing.assert_close(bias, expected)
+    # the same relative imbalance at 100x the tokens moves the bias by the same amount
+    bias_big = torch.tensor([0.5, 0.0, 0.0, -0.5])
+    update_router_bias(bias_big, 100 * load, rate=0.3, rule="proportional")
+    torch.testing.assert_close(bias_big, expected)
+    # recentring applies after the proportional step too
+    bias = torch.zeros(4)
+    update_router_bias(bias, load, rate=0.3, rule="proportional", recenter=True)
+    torch.testing.assert_close(bias, 0.3 * torch.tensor([-4.0, 4.0, 0.0, 0.0]) / 6.0)  # already mean zero
+
+
+def test_bias_update_sign_rule_is_the_default_and_unchanged():
+    load = torch.tensor([10.0, 2.0, 6.0])
+    default, sign = torch.zeros(3), torch.zeros(3)
+    update_router_bias(default, load, rate=0.1)
+    update_router_bias(sign, load, rate=0.1, rule="sign")
+    torch.testing.assert_close(default, torch.tensor([-0.1, 0.1, 0.0]))
+    assert torch.equal(default, sign)
+
+
+def test_bias_update_proportional_with_no_load_is_zero_not_nan_and_unknown_rules_are_refused():
+    bias = torch.ones(3)
+    update_router_bias(bias, torch.zeros(3), rate=0.1, rule="proportional")
+    assert torch.equal(bias, torch.ones(3))
+    with pytest.raises(ValueError, match=r"^bias_update_rule='linear' is invalid: allowed values are sign, prop"):
+        update_router_bias(bias, torch.ones(3), rate=0.1, rule="linear")
+
+
+def test_layer_finish_step_uses_the_configured_bias_update_rule():
+    cfg = MoEConfig(router="sigmoid", num_experts=4, top_k=2, bias_update_rate=0.05, bias_update_rule="proportional")
+    layer = MoELayer(16, cfg).train()
+    layer(torch.randn(2, 32, 16))
+    load = layer.load_since_update.clone()
+    assert load.sum() == 2 * 32 * 2 and (load != load.mean()).any()  # an imbalance to correct
+    layer.finish_step()
+    torch.testing.assert_close(layer.router.bias, 0.05 * (load.mean() - load) / load.mean())
+    assert layer.load_since_update.sum() == 0

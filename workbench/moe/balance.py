@@ -12,6 +12,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from workbench.validation import check_choice
+
+# How the loss-free bias moves with the load violation (MoEConfig.bias_update_rule).
+BIAS_UPDATE_RULES = ("sign", "proportional")
+
 
 def _masked_mean(values_T: torch.Tensor, mask_T: torch.Tensor | None, dim: int = 0) -> torch.Tensor:
     if mask_T is None:
@@ -101,18 +106,29 @@ def router_z_loss(logits_TE: torch.Tensor, mask_T: torch.Tensor | None = None) -
 
 @torch.no_grad()
 def update_router_bias(bias_E: torch.Tensor, tokens_per_expert_E: torch.Tensor, rate: float,
-                       recenter: bool = False) -> torch.Tensor:
+                       recenter: bool = False, rule: str = "sign") -> torch.Tensor:
     """Auxiliary-loss-free balancing step (Wang et al. 2024, arXiv:2408.15664, Algorithm 1), in place.
 
-        e_i = mean_j(c_j) - c_i          load violation of expert i over the last step
-        b_i <- b_i + u * sign(e_i)        raise underloaded experts, lower overloaded ones
+        e_i = mean_j(c_j) - c_i              load violation of expert i over the last step
+        b_i <- b_i + u * sign(e_i)            rule="sign": raise underloaded experts, lower overloaded ones
+        b_i <- b_i + u * e_i / mean_j(c_j)    rule="proportional": move by the relative violation
+
+    Wang et al. also try a proportional update (b_i += u * e_i) and find the sign rule balances
+    better. Ours divides e_i by the mean load so that u means the same at any batch size (an
+    expert 10% over its share moves by 0.1 u whether a step has 1k or 1M tokens).
 
     Call it after the optimizer step with the loads ``c`` counted since the previous call;
     never inside forward. ``recenter`` subtracts the mean bias afterwards, which changes no
     selection (top-k is shift invariant) but keeps the bias from drifting.
     """
+    check_choice("bias_update_rule", rule, BIAS_UPDATE_RULES)
     load = tokens_per_expert_E.to(bias_E.dtype)
-    bias_E.add_(rate * torch.sign(load.mean() - load))
+    violation = load.mean() - load
+    if rule == "sign":
+        bias_E.add_(rate * torch.sign(violation))
+    else:
+        # no load at all: every violation is 0, and so is the step (not 0 / 0)
+        bias_E.add_(rate * violation / load.mean().clamp(min=torch.finfo(load.dtype).tiny))
     if recenter:
         bias_E.sub_(bias_E.mean())
     return bias_E

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from workbench.moe.balance import BIAS_UPDATE_RULES
 from workbench.moe.dispatch import DISPATCHES, DROP_POLICIES
 from workbench.moe.routers import ROUTERS, router_class
 from workbench.validation import check, check_choice, check_int
@@ -63,6 +64,9 @@ class MoEConfig:
     z_loss_weight: float = 0.0  # ST-MoE router z-loss
     bias_update_rate: float = 0.0  # auxiliary-loss-free balancing (Wang et al. 2024); 0 disables
     bias_recenter: bool = False  # subtract the mean bias after each update
+    # "sign": b += u * sign(e) (Wang et al. 2024); "proportional": b += u * e / mean(load), e the
+    # load violation; takes effect only with bias_update_rate > 0
+    bias_update_rule: str = "sign"  # loss-free bias step: sign of the load violation, or proportional to it
 
     def __post_init__(self) -> None:
         for name in ("num_experts", "top_k", "expert_hidden", "num_groups", "topk_groups", "hash_vocab_size",
@@ -73,6 +77,7 @@ class MoEConfig:
         check_choice("router", self.router, ROUTERS)
         check_choice("dispatch", self.dispatch, DISPATCHES)
         check_choice("drop_policy", self.drop_policy, DROP_POLICIES)
+        check_choice("bias_update_rule", self.bias_update_rule, BIAS_UPDATE_RULES)
         check_choice("expert_choice_eval", self.expert_choice_eval, EXPERT_CHOICE_EVAL)
         check(self.normalize_topk in (None, True, False), "normalize_topk", "must be True, False or None",
               self.normalize_topk)

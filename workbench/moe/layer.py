@@ -106,5 +106,5 @@ class MoELayer(nn.Module):
         cfg = self.cfg
         if cfg.bias_update_rate > 0 and self.load_since_update.sum() > 0:
             balance.update_router_bias(self.router.bias, self.load_since_update, cfg.bias_update_rate,
-                                       cfg.bias_recenter)
+                                       cfg.bias_recenter, cfg.bias_update_rule)
         self.load_since_update.zero_()
