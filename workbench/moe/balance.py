@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 from workbench.validation import check_choice
 
+# Over which tokens the Switch loss's expert frequencies f_i are counted (MoEConfig.aux_loss_scope).
+AUX_LOSS_SCOPES = ("micro_batch", "global_batch")
 # How the loss-free bias moves with the load violation (MoEConfig.bias_update_rule).
 BIAS_UPDATE_RULES = ("sign", "proportional")
 
@@ -65,6 +67,50 @@ def switch_aux_loss(scores_TE: torch.Tensor, expert_ids_TK: torch.Tensor,
         f_E = _masked_mean(one_hot_TE, mask_T) / K
     else:
         f_E = _assignment_fraction(expert_ids_TK, E, mask_T, slot_mask_TK, dim=0).to(scores_TE.dtype)
+    P_E = _masked_mean(_as_distribution(scores_TE), mask_T)
+    return E * torch.sum(f_E * P_E)
+
+
+def assignment_counts(expert_ids_TK: torch.Tensor, num_experts: int, mask_T: torch.Tensor | None = None,
+                      slot_mask_TK: torch.Tensor | None = None) -> torch.Tensor:
+    """(E,) long: the real assignments of each expert, the numerator of ``switch_aux_loss``'s f.
+
+    Padding tokens (``mask_T`` False) and padding slots (``slot_mask_TK`` False, expert choice)
+    are left out, as ``switch_aux_loss`` leaves them out of f; the sum is the number of real
+    assignments, f's denominator.
+    """
+    real_TK = slot_mask_TK
+    if mask_T is not None:
+        token_TK = mask_T.unsqueeze(-1).expand_as(expert_ids_TK)
+        real_TK = token_TK if real_TK is None else real_TK & token_TK
+    ids = expert_ids_TK.flatten() if real_TK is None else expert_ids_TK[real_TK]
+    return torch.bincount(ids, minlength=num_experts)
+
+
+def global_batch_aux_loss(scores_TE: torch.Tensor, counts_E: torch.Tensor,
+                          mask_T: torch.Tensor | None = None) -> torch.Tensor:
+    """Global-batch load-balancing loss (Qiu et al. 2025, "Demons in the Detail: On Implementing
+    Load Balancing Loss for Training Specialized Mixture-of-Expert Models", arXiv:2501.11873).
+
+        L = E * sum_i f_i * P_i
+        f_i = c_i / sum_j c_j        c_i: assignments to expert i over the global batch
+        P_i = (1 / T) * sum_t p_ti   mean router probability of expert i, this micro-batch only
+
+    The Switch loss (``switch_aux_loss``) computed with f counted over more tokens than the
+    micro-batch: a micro-batch of one domain may then route unevenly, as long as the global
+    batch is balanced, which Qiu et al. find lets experts specialise (and improves the LM loss).
+    f is not differentiable; P carries the gradient, and only for the current micro-batch.
+
+    ``counts_E`` are the assignment counts (``assignment_counts``, padding left out) summed
+    over the micro-batches of the current optimizer step seen so far, this one included, as
+    Megatron-LM's ``global_aux_loss`` keeps them (a running buffer reset after each optimizer
+    step): under gradient accumulation micro-batch m sees the frequencies of micro-batches
+    1..m, and only the last one the whole step's. Counts of this micro-batch alone give
+    exactly ``switch_aux_loss``. ``mask_T`` (True = real token) leaves padding out of P.
+    ``sum_j c_j`` is the number of real assignments, so no separate token count is needed.
+    """
+    E = scores_TE.shape[1]
+    f_E = counts_E.to(scores_TE.dtype) / counts_E.sum().clamp(min=1).to(scores_TE.dtype)
     P_E = _masked_mean(_as_distribution(scores_TE), mask_T)
     return E * torch.sum(f_E * P_E)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from workbench.moe.balance import BIAS_UPDATE_RULES
+from workbench.moe.balance import AUX_LOSS_SCOPES, BIAS_UPDATE_RULES
 from workbench.moe.dispatch import DISPATCHES, DROP_POLICIES
 from workbench.moe.routers import ROUTERS, router_class
 from workbench.validation import check, check_choice, check_int
@@ -60,6 +60,9 @@ class MoEConfig:
 
     # --- load balancing (weights of the raw per-layer losses; 0 disables) --------------
     aux_loss_weight: float = 0.01  # Switch / GShard
+    # "global_batch": the aux loss's expert frequencies f are counted over the optimizer step's
+    # micro-batches so far (Qiu et al. 2025); its gradient still comes from this micro-batch's P
+    aux_loss_scope: str = "micro_batch"  # tokens the aux loss's expert frequencies are counted over
     seq_aux_loss_weight: float = 0.0  # DeepSeek-V3 sequence-wise
     z_loss_weight: float = 0.0  # ST-MoE router z-loss
     bias_update_rate: float = 0.0  # auxiliary-loss-free balancing (Wang et al. 2024); 0 disables
@@ -77,6 +80,7 @@ class MoEConfig:
         check_choice("router", self.router, ROUTERS)
         check_choice("dispatch", self.dispatch, DISPATCHES)
         check_choice("drop_policy", self.drop_policy, DROP_POLICIES)
+        check_choice("aux_loss_scope", self.aux_loss_scope, AUX_LOSS_SCOPES)
         check_choice("bias_update_rule", self.bias_update_rule, BIAS_UPDATE_RULES)
         check_choice("expert_choice_eval", self.expert_choice_eval, EXPERT_CHOICE_EVAL)
         check(self.normalize_topk in (None, True, False), "normalize_topk", "must be True, False or None",

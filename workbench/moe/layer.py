@@ -6,12 +6,18 @@ construction, not in ``forward``: the dispatch comes with its options bound
 reads the (B, S) layout and the padding mask), and expert choice's padded slots
 (``RouterOutput.mask_TK``) are honoured by every dispatch and balancing loss.
 
+Two kinds of training state live between optimizer steps, as non-persistent buffers (zero at
+every step boundary, where checkpoints are written): the loads for the loss-free bias update
+and the assignment counts of the global-batch auxiliary loss. ``finish_step()``, called once
+after each optimizer step, consumes and resets both.
+
 Shape legend: B batch, S sequence, T = B*S tokens, D model dim, E experts, K experts per token.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -55,6 +61,11 @@ class MoELayer(nn.Module):
         # that is zero at every optimizer step boundary (where checkpoints are written), so it is
         # not part of the state dict: a plain state dict loads with strict=True.
         self.register_buffer("load_since_update", torch.zeros(cfg.num_experts), persistent=False)
+        # Real assignments per expert over the micro-batches of this optimizer step so far: the f of
+        # the global-batch aux loss. The same life cycle as load_since_update, but padding tokens are
+        # left out (as the loss leaves them out), and it counts whatever the loss weight.
+        self.register_buffer("aux_counts_since_step", torch.zeros(cfg.num_experts, dtype=torch.long),
+                             persistent=False)
 
     def forward(self, x_BSD: torch.Tensor, token_ids_BS: torch.Tensor | None = None,
                 padding_mask_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, RoutingInfo]:
@@ -83,8 +94,15 @@ class MoELayer(nn.Module):
         mask_T = None if padding_mask_BS is None else padding_mask_BS.reshape(-1)
         slot_mask_TK = routing.mask_TK
         cfg = self.cfg
+        if cfg.aux_loss_scope == "global_batch" and self.training:
+            counts_E = balance.assignment_counts(routing.expert_ids_TK, cfg.num_experts, mask_T, slot_mask_TK)
+            # With data / expert parallelism, all-reduce counts_E over the data-parallel ranks here (not built yet).
+            self.aux_counts_since_step += counts_E
+            aux_loss = partial(balance.global_batch_aux_loss, routing.scores_TE, self.aux_counts_since_step, mask_T)
+        else:  # micro-batch scope, and evaluation, where there is no optimizer step to count over
+            aux_loss = partial(balance.switch_aux_loss, routing.scores_TE, routing.expert_ids_TK, mask_T, slot_mask_TK)
         compute = {
-            "aux_loss": lambda: balance.switch_aux_loss(routing.scores_TE, routing.expert_ids_TK, mask_T, slot_mask_TK),
+            "aux_loss": aux_loss,
             "seq_aux_loss": lambda: balance.sequence_aux_loss(
                 routing.scores_TE.view(B, S, -1), routing.expert_ids_TK.view(B, S, -1), padding_mask_BS,
                 None if slot_mask_TK is None else slot_mask_TK.view(B, S, -1)),
@@ -102,9 +120,10 @@ class MoELayer(nn.Module):
     @torch.no_grad()
     def finish_step(self) -> None:
         """End of an optimizer step: the loss-free bias update from the loads counted since the last
-        call, then the counter reset. Call it once after every ``optimizer.step()``."""
+        call, then both step counters reset. Call it once after every ``optimizer.step()``."""
         cfg = self.cfg
         if cfg.bias_update_rate > 0 and self.load_since_update.sum() > 0:
             balance.update_router_bias(self.router.bias, self.load_since_update, cfg.bias_update_rate,
                                        cfg.bias_recenter, cfg.bias_update_rule)
         self.load_since_update.zero_()
+        self.aux_counts_since_step.zero_()

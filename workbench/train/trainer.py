@@ -5,7 +5,8 @@
     Trainer.resume("runs/demo").fit() # continues bit for bit from the newest good checkpoint
 
 Batches are a pure function of (seed, step), so the data position in a checkpoint is the step.
-Loss-free balancing bias updates run right after ``optimizer.step()``, never inside forward.
+Loss-free balancing bias updates run right after ``optimizer.step()``, never inside forward, and
+the per-step counters (global-batch aux loss) are reset there (``MoELM.finish_optimizer_step``).
 
 Everything that can be checked is checked when the trainer is built, before the run directory
 is touched: the configs, the device, the data (and that the vocabulary covers it), and that
