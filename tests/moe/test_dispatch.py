@@ -1,7 +1,8 @@
 """Every dispatch computes the same function as the loop reference, forward and gradients (fp32).
 
 Tolerances (max abs error): outputs 1e-5, gradients 1e-4. Weights are scaled so that outputs
-are O(1); with the model's 0.02 init every error would be trivially small.
+are O(1); with the model's 0.02 init every error would be trivially small. The ``expert_kernel``
+fixture (``conftest.py``) runs a test with the fused CPU expert kernel and without it.
 """
 
 from __future__ import annotations
@@ -11,20 +12,11 @@ import torch
 
 from tests.moe.helpers import random_masked_routing, random_routing
 from workbench.config import MoEConfig
-from workbench.moe import DISPATCHES, MoELayer, RouterOutput, SwiGLUExperts, SwiGLUMLP, cpu_kernels
+from workbench.moe import DISPATCHES, MoELayer, RouterOutput, SwiGLUExperts, SwiGLUMLP
 from workbench.moe.dispatch import capacity_dispatch, expert_capacity, loop_dispatch
 from workbench.moe.experts import _grouped_mm_ok, grouped_matmul
 
 OUT_TOL, GRAD_TOL = 1e-5, 1e-4
-
-
-@pytest.fixture(params=["fused_cpu", "grouped_mm"])
-def expert_kernel(request):
-    """Run a test once with the fused CPU expert kernel and once without it (F.grouped_mm / bmm)."""
-    if request.param == "fused_cpu" and not cpu_kernels.kernel_available():
-        pytest.skip("the fused CPU expert kernel cannot be built here (no C++ compiler?)")
-    with cpu_kernels.fused_cpu_kernel(request.param == "fused_cpu"):
-        yield request.param
 
 
 def make_experts(E: int, D: int, H: int) -> SwiGLUExperts:

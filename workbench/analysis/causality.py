@@ -28,7 +28,8 @@ def dropless_copy(model: MoELM) -> MoELM:
     moe = model.cfg.moe
     if moe is None or moe.dispatch != "capacity":
         return model
-    copy, _ = build_model(model.cfg.replace(moe=replace(moe, dispatch="sorted")),
+    # capacity_scope belongs to the capacity dispatch (MoEConfig refuses "sequence" with another)
+    copy, _ = build_model(model.cfg.replace(moe=replace(moe, dispatch="sorted", capacity_scope="batch")),
                           device=next(model.parameters()).device)
     copy.load_state_dict(model.state_dict())
     return copy

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 from workbench.moe.balance import AUX_LOSS_SCOPES, BIAS_UPDATE_RULES
-from workbench.moe.dispatch import DISPATCHES, DROP_POLICIES
+from workbench.moe.dispatch import CAPACITY_SCOPES, DISPATCHES, DROP_POLICIES
 from workbench.moe.routers import ROUTERS, router_class
 from workbench.validation import check, check_choice, check_int
 
@@ -57,6 +57,10 @@ class MoEConfig:
     # None: never drop (C = T, the most any expert can receive, since a token picks it once)
     capacity_factor: float | None = 1.25
     drop_policy: str = "position"  # which assignments keep their slot when an expert is full
+    # capacity dispatch only. "batch": the batch's T tokens share C slots per expert. "sequence":
+    # each sequence has its own C = ceil(capacity_factor * S * K / E), claimed in token order, so a
+    # token's drops depend only on earlier tokens of its sequence (needs drop_policy="position")
+    capacity_scope: str = "batch"  # who shares an expert's capacity slots; "sequence" drops causally
 
     # --- load balancing (weights of the raw per-layer losses; 0 disables) --------------
     aux_loss_weight: float = 0.01  # Switch / GShard
@@ -80,8 +84,16 @@ class MoEConfig:
         check_choice("router", self.router, ROUTERS)
         check_choice("dispatch", self.dispatch, DISPATCHES)
         check_choice("drop_policy", self.drop_policy, DROP_POLICIES)
+        check_choice("capacity_scope", self.capacity_scope, CAPACITY_SCOPES)
         check_choice("aux_loss_scope", self.aux_loss_scope, AUX_LOSS_SCOPES)
         check_choice("bias_update_rule", self.bias_update_rule, BIAS_UPDATE_RULES)
+        if self.capacity_scope == "sequence":
+            check(self.dispatch == "capacity", "capacity_scope",
+                  f"'sequence' shares slots per sequence, which only dispatch='capacity' has (dispatch="
+                  f"{self.dispatch!r} never drops): leave it 'batch'", self.capacity_scope)
+            check(self.drop_policy == "position", "drop_policy",
+                  "capacity_scope='sequence' claims slots in token order, which needs drop_policy='position' "
+                  "(score priority lets a later token take an earlier one's slot: not causal)", self.drop_policy)
         check_choice("expert_choice_eval", self.expert_choice_eval, EXPERT_CHOICE_EVAL)
         check(self.normalize_topk in (None, True, False), "normalize_topk", "must be True, False or None",
               self.normalize_topk)

@@ -8,6 +8,9 @@ Three implementations of that one function, selected by name from ``DISPATCHES``
 - ``capacity``: GShard / Switch style. Every expert has C slots, C = ceil(capacity_factor *
   T * K / E); assignments beyond C are dropped (the token keeps only its residual path for
   that expert) and counted exactly. Fixed shapes, the layout expert parallelism started from.
+  ``capacity_scope="sequence"`` gives every sequence its own C = ceil(capacity_factor * S *
+  K / E) slots, claimed in token order: the causal variant (a token's drops depend only on
+  earlier tokens of its sequence, so a decoder can reproduce them at inference).
 - ``sorted``: dropless (MegaBlocks, Gale et al. 2022): sort the token-expert pairs by expert
   and run every expert in one grouped GEMM over the jagged groups.
 
@@ -17,8 +20,8 @@ them. On CPU, where nothing goes between them, one guard in ``sorted_dispatch`` 
 to the fused kernel of ``workbench.moe.cpu_kernels`` as one op, and ``capacity`` runs its
 experts with the same kernel; both are tested against ``loop`` with the kernel on and off.
 
-``build_dispatch`` binds a dispatch's options (capacity factor, drop policy) when the layer is
-built, so ``MoELayer.forward`` makes one call with no branches on the config.
+``build_dispatch`` binds a dispatch's options (capacity factor, drop policy, capacity scope) when
+the layer is built, so ``MoELayer.forward`` makes one call with no branches on the config.
 
 Masked routing (expert choice): where ``routing.mask_TK`` is given, a False slot is padding: it
 is not computed, not counted and claims no capacity, and its weight gets no gradient. The
@@ -28,7 +31,8 @@ Soft MoE does not route tokens to experts; ``soft_dispatch`` (not in ``DISPATCHE
 picks it when its router has ``mixes_tokens``) mixes tokens into slots and back.
 
 Shape legend: T tokens, D model dim, E experts, K experts per token, N = T*K token-expert
-pairs (flattened row-major from (T, K), so pair n is token n // K), C capacity;
+pairs (flattened row-major from (T, K), so pair n is token n // K), C capacity, B sequences
+and S positions (T = B*S), G = B*E (sequence, expert) slot groups;
 soft MoE: B sequences, S positions, L = E * slots_per_expert slots.
 """
 
@@ -112,6 +116,8 @@ def sorted_dispatch(x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLUEx
 # --- capacity: fixed slots per expert, overflow dropped ---------------------------------
 
 DROP_POLICIES = ("position", "score")  # which assignments keep their slot when an expert is full
+# Who shares an expert's C slots: the whole batch, or each sequence on its own (causal).
+CAPACITY_SCOPES = ("batch", "sequence")
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float | None) -> int:
@@ -130,6 +136,7 @@ def _pair_priority(routing: RouterOutput, drop_policy: str) -> torch.Tensor:
     ``position``: every token's first choice before any second choice, in token order within
     each round (GShard, Lepikhin et al. 2020, Algorithm 1; Switch keeps the earliest tokens).
     ``score``: highest gate weight first (Batch Prioritized Routing, Riquelme et al. 2021).
+    The batch-wide scope only; per sequence, slots go in token order (``_capacity_per_sequence``).
     """
     check_choice("drop_policy", drop_policy, DROP_POLICIES)
     if drop_policy == "score":
@@ -139,11 +146,20 @@ def _pair_priority(routing: RouterOutput, drop_policy: str) -> torch.Tensor:
 
 
 def capacity_dispatch(x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLUExperts, *,
-                      capacity_factor: float | None = 1.25, drop_policy: str = "position") -> tuple[
+                      capacity_factor: float | None = 1.25, drop_policy: str = "position",
+                      capacity_scope: str = "batch", batch_shape: tuple[int, int] | None = None) -> tuple[
         torch.Tensor, DispatchStats]:
-    """GShard-style slots: C per expert (``expert_capacity``; ``capacity_factor=None`` never drops)."""
+    """GShard-style slots: C per expert (``expert_capacity``; ``capacity_factor=None`` never drops).
+
+    ``capacity_scope="batch"``: the T tokens of the batch share each expert's C slots.
+    ``"sequence"``: each sequence of ``batch_shape`` = (B, S) has its own, claimed in token
+    order (``_capacity_per_sequence``).
+    """
     check(capacity_factor is None or (math.isfinite(capacity_factor) and capacity_factor > 0), "capacity_factor",
           "must be a finite number > 0, or None to never drop", capacity_factor)
+    check_choice("capacity_scope", capacity_scope, CAPACITY_SCOPES)
+    if capacity_scope == "sequence":
+        return _capacity_per_sequence(x_TD, routing, experts, capacity_factor, drop_policy, batch_shape)
     T, K = routing.expert_ids_TK.shape
     E, D = experts.num_experts, x_TD.shape[1]
     mask_N = None if routing.mask_TK is None else routing.mask_TK.flatten()
@@ -193,6 +209,72 @@ def capacity_dispatch(x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLU
         kept_per_expert=kept_per_expert,
         dropped_assignments=dropped_assignments,
         dropped_tokens=dropped_tokens,
+        capacity=C,
+    )
+    return y_TD, stats
+
+
+def _capacity_per_sequence(x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLUExperts,
+                           capacity_factor: float | None, drop_policy: str,
+                           batch_shape: tuple[int, int] | None) -> tuple[torch.Tensor, DispatchStats]:
+    """Causal capacity: every sequence gets its own C = ceil(capacity_factor * S * K / E) slots
+    per expert (``None``: C = S, never drop), and its pairs claim them in token order, token t's
+    K pairs before token t+1's.
+
+    Whether token t keeps its slot at expert e then depends only on how many earlier tokens of
+    its own sequence chose e: neither later tokens nor other sequences enter, so a decoder that
+    counts per sequence reproduces at inference the drops it trained with. GShard's rounds (every
+    token's first choice before any second choice) are not causal: a later token's first choice
+    outranks an earlier token's second. Neither is score priority. So ``drop_policy`` must be
+    ``"position"``, which per sequence means token order (the two agree for K = 1).
+
+    Padding tokens claim slots as in the batch-wide scope; right-padded, they come after every
+    real token of their sequence and never take a real token's slot. Masked routing (expert
+    choice) is refused: the router itself compares tokens across the batch, so a per-sequence
+    capacity could not make it causal.
+    """
+    check(drop_policy == "position", "drop_policy", "capacity_scope='sequence' claims slots in token order, "
+          "so it needs drop_policy='position' (score priority is not causal)", drop_policy)
+    check(routing.mask_TK is None, "capacity_scope", "per-sequence capacity needs token-choice routing; masked "
+          "routing (expert choice) compares tokens across the batch and is not causal anyway", "sequence")
+    check(batch_shape is not None, "capacity_scope", "per-sequence capacity needs batch_shape=(B, S)", "sequence")
+    T, K = routing.expert_ids_TK.shape
+    B, S = batch_shape
+    check(B * S == T, "batch_shape", f"must hold the routing's T={T} tokens as (B, S)", batch_shape)
+    E, D = experts.num_experts, x_TD.shape[1]
+    C = expert_capacity(S, K, E, capacity_factor)
+
+    expert_of_pair_N = routing.expert_ids_TK.flatten()
+    sequence_of_pair_N = torch.arange(T * K, device=x_TD.device) // (S * K)
+    group_of_pair_N = sequence_of_pair_N * E + expert_of_pair_N  # one slot group per (sequence, expert)
+    pairs_per_group_G = torch.bincount(group_of_pair_N, minlength=B * E)
+
+    # Rank of each pair within its group. Pairs are numbered in token order, and a stable sort
+    # keeps that order within a group: rank = how many earlier pairs of the sequence chose e.
+    pair_in_rank_order_N = group_of_pair_N.argsort(stable=True)
+    group_start_G = pairs_per_group_G.cumsum(0) - pairs_per_group_G
+    rank_N = torch.empty_like(expert_of_pair_N)
+    rank_N[pair_in_rank_order_N] = (torch.arange(T * K, device=x_TD.device)
+                                    - group_start_G[group_of_pair_N[pair_in_rank_order_N]])
+    kept_N = rank_N < C
+
+    # permute into the (E, B*C, D) buffer: expert e's rows are its C slots of sequence 0, then of
+    # sequence 1, ..., so the experts run as one batched GEMM over B*C rows each
+    kept_pairs = kept_N.nonzero().squeeze(1)
+    slot_N = (expert_of_pair_N * B + sequence_of_pair_N) * C + rank_N.clamp(max=C - 1)
+    buffer_ND = x_TD.new_zeros(E * B * C, D).index_copy(0, slot_N[kept_pairs], x_TD[kept_pairs // K])
+
+    out_ERD = experts.forward_batched(rearrange(buffer_ND, "(e r) d -> e r d", e=E))
+
+    # un-permute: a dropped pair reads some slot but gets weight 0, so it adds nothing
+    weights_TK = routing.weights_TK * kept_N.view(T, K)
+    y_TD = combine(rearrange(out_ERD, "e r d -> (e r) d"), slot_N.view(T, K), weights_TK)
+
+    stats = DispatchStats(
+        tokens_per_expert=pairs_per_group_G.view(B, E).sum(0),
+        kept_per_expert=pairs_per_group_G.clamp(max=C).view(B, E).sum(0),
+        dropped_assignments=(~kept_N).sum(),
+        dropped_tokens=(~kept_N.view(T, K)).all(dim=1).sum(),
         capacity=C,
     )
     return y_TD, stats
@@ -261,17 +343,28 @@ def _route_each_token(dispatch: Dispatch, x_TD: torch.Tensor, routing: RouterOut
     return dispatch(x_TD, routing, experts)
 
 
+def _route_per_sequence(dispatch: Dispatch, x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLUExperts,
+                        batch_shape: tuple[int, int], padding_mask_BS: torch.Tensor | None) -> tuple[
+        torch.Tensor, DispatchStats]:
+    # Per-sequence capacity: the (B, S) layout decides which tokens share slots.
+    return dispatch(x_TD, routing, experts, batch_shape=batch_shape)
+
+
 def build_dispatch(cfg: MoEConfig, mixes_tokens: bool = False) -> Dispatch:
     """The layer's dispatch with its options bound: ``fn(x_TD, routing, experts, batch_shape,
     padding_mask_BS) -> (y_TD, DispatchStats)``.
 
     A router that mixes tokens (soft MoE) takes ``soft_dispatch``, which needs the (B, S)
     layout and the padding mask, whatever ``cfg.dispatch`` says; the token dispatches take
-    their options from the config (``capacity``: ``capacity_factor`` and ``drop_policy``).
+    their options from the config (``capacity``: ``capacity_factor``, ``drop_policy`` and
+    ``capacity_scope``; per sequence, it also takes the (B, S) layout).
     """
     if mixes_tokens:
         return soft_dispatch
     dispatch = DISPATCHES[cfg.dispatch]  # a valid name: MoEConfig checked it
     if dispatch is capacity_dispatch:
-        dispatch = partial(capacity_dispatch, capacity_factor=cfg.capacity_factor, drop_policy=cfg.drop_policy)
+        dispatch = partial(capacity_dispatch, capacity_factor=cfg.capacity_factor, drop_policy=cfg.drop_policy,
+                           capacity_scope=cfg.capacity_scope)
+        if cfg.capacity_scope == "sequence":
+            return partial(_route_per_sequence, dispatch)
     return partial(_route_each_token, dispatch)

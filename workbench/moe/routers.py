@@ -135,6 +135,7 @@ class Router(nn.Module):
 
     # --- facts about the router type --------------------------------------------------------
     mixes_tokens: ClassVar[bool] = False  # soft MoE: MoELayer dispatches with soft_dispatch
+    pads_slots: ClassVar[bool] = False  # expert choice: a token's K slots are padded (RouterOutput.mask_TK)
     has_selection_bias: ClassVar[bool] = False  # selects by score + bias: loss-free balancing applies
     supports_expert_groups: ClassVar[bool] = False  # group-limited routing (num_groups > 1)
     supports_route_scale: ClassVar[bool] = True
@@ -187,6 +188,12 @@ class Router(nn.Module):
         if cfg.route_scale != 1.0:
             check(cls.supports_route_scale, "route_scale", f"router={name!r} has no gates to scale: must be 1.0",
                   cfg.route_scale)
+        if cfg.capacity_scope == "sequence":
+            # per-sequence capacity exists to make drops causal; these routers compare tokens across
+            # the batch (or mix them) already, so it could not, and its dispatch does not take masks
+            check(not cls.pads_slots and not cls.mixes_tokens, "capacity_scope", f"router={name!r} is not causal "
+                  "(it compares or mixes tokens across the sequence), so per-sequence capacity cannot make it so: "
+                  "leave it 'batch'", cfg.capacity_scope)
 
     # --- the module -------------------------------------------------------------------------
     def __init__(self, d_model: int, cfg: MoEConfig):
@@ -386,6 +393,7 @@ class ExpertChoiceRouter(Router):
     """
 
     default_normalize_topk = None  # a token's gates are its affinities; nothing to renormalise
+    pads_slots = True
 
     @classmethod
     def experts_per_token(cls, cfg, seq_len):
