@@ -188,3 +188,58 @@ def test_capacity_factor_none_never_drops_even_when_every_token_picks_one_expert
 def test_capacity_factor_must_be_finite():
     with pytest.raises(ValueError, match=r"^capacity_factor=inf is invalid"):
         MoEConfig(capacity_factor=math.inf)
+
+
+# --- aux_loss_scope, capacity_scope, bias_update_rule --------------------------------------
+
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("aux_loss_scope", "global", "micro_batch, global_batch"),
+    ("capacity_scope", "token", "batch, sequence"),
+    ("bias_update_rule", "linear", "sign, proportional"),
+])
+def test_new_choice_fields_refuse_unknown_values_listing_the_allowed_ones(field, value, allowed):
+    with pytest.raises(ValueError, match=rf"^{field}='{value}' is invalid: allowed values are {allowed}$"):
+        MoEConfig(**{field: value})
+
+
+def test_choice_tuples_are_the_ones_the_config_validates_with():
+    from workbench.moe import balance, config, dispatch
+
+    assert config.AUX_LOSS_SCOPES is balance.AUX_LOSS_SCOPES == ("micro_batch", "global_batch")
+    assert config.BIAS_UPDATE_RULES is balance.BIAS_UPDATE_RULES == ("sign", "proportional")
+    assert config.CAPACITY_SCOPES is dispatch.CAPACITY_SCOPES == ("batch", "sequence")
+
+
+@pytest.mark.parametrize("dispatch", ["sorted", "loop"])
+def test_capacity_scope_sequence_needs_the_capacity_dispatch(dispatch):
+    with pytest.raises(ValueError, match=rf"^capacity_scope='sequence' is invalid: .*dispatch='{dispatch}'"):
+        MoEConfig(dispatch=dispatch, capacity_scope="sequence")
+
+
+def test_capacity_scope_sequence_needs_position_priority_and_a_causal_router():
+    with pytest.raises(ValueError, match=r"^drop_policy='score' is invalid: capacity_scope='sequence'"):
+        MoEConfig(dispatch="capacity", capacity_scope="sequence", drop_policy="score")
+    for router in ("expert_choice", "soft_moe"):
+        with pytest.raises(ValueError, match=rf"^capacity_scope='sequence' is invalid: router='{router}'"):
+            MoEConfig(router=router, dispatch="capacity", capacity_scope="sequence")
+    cfg = MoEConfig(dispatch="capacity", capacity_scope="sequence", capacity_factor=None)
+    assert cfg.capacity_scope == "sequence"
+
+
+def test_bias_update_rule_is_permissive_without_loss_free_balancing():
+    assert MoEConfig(bias_update_rule="proportional").bias_update_rate == 0  # no bias: nothing to update
+
+
+@pytest.mark.parametrize("scope", ["micro_batch", "global_batch"])
+def test_aux_loss_scope_is_accepted_with_every_router(scope):
+    for name, cls in ROUTERS.items():
+        MoEConfig(router=name, top_k=cls.fixed_top_k or 2, aux_loss_scope=scope)
+
+
+def test_an_old_config_dict_without_the_new_fields_loads_with_their_defaults():
+    saved = ModelConfig(d_model=32, n_layers=1, n_heads=2).to_dict()
+    for name in ("aux_loss_scope", "capacity_scope", "bias_update_rule"):
+        del saved["moe"][name]
+    moe = ModelConfig.from_dict(saved).moe
+    assert (moe.aux_loss_scope, moe.capacity_scope, moe.bias_update_rule) == ("micro_batch", "batch", "sign")
