@@ -1,4 +1,4 @@
-"""The ``workbench`` command: ``train``, ``show``, ``bench layer``, ``bench train``.
+"""The ``workbench`` command: ``train``, ``show``, ``sweep``, ``bench layer``, ``bench train``.
 
 Every field of ``ModelConfig``, ``MoEConfig`` and ``TrainConfig`` is a ``train`` flag
 (``--num-experts 16``); the defaults shown by ``--help`` are the ``tiny`` preset's.
@@ -424,6 +424,52 @@ def _run_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- sweep -------------------------------------------------------------------------------------
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="train a list of configs x seeds, reusing every finished run",
+                       description="Train every run of a sweep file (YAML; see workbench.experiments.load_sweep) "
+                                   "at every seed. Finished runs are cached under --cache by their full config "
+                                   "and the code version, so running the same file again trains nothing new. "
+                                   "Writes runs.csv, evals.csv, steps.csv.gz and details.json.gz to --out.")
+    p.add_argument("file", type=Path, help="the sweep file (YAML)")
+    p.add_argument("--jobs", type=int, help="runs trained at once (default: the file's jobs, else one per core)")
+    p.add_argument("--cache", type=Path, help="cache folder (default: the file's cache, else runs/cache)")
+    p.add_argument("--out", type=Path, help="results folder (default: the file's out, else runs/sweeps/<file name>)")
+    p.add_argument("--dry-run", action="store_true", help="check the file and list the runs; train nothing")
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from workbench.experiments import load_sweep, run_experiments, summary_table
+
+    prog = "workbench sweep"
+    try:
+        sweep = load_sweep(args.file)
+        if args.jobs is not None and args.jobs < 1:
+            raise ValueError(f"--jobs={args.jobs} is invalid: must be >= 1")
+    except (ValueError, ImportError) as err:
+        _usage_error(prog, str(err))
+    runs = sum(len(e.seeds or sweep.seeds) for e in sweep.experiments)
+    print(f"{len(sweep.experiments)} experiments, {runs} runs; seeds {sweep.seeds}")
+    if args.dry_run:
+        for e in sweep.experiments:
+            print(f"  {e.name}: seeds {list(e.seeds or sweep.seeds)}, {e.train.steps} steps, "
+                  f"{e.model.num_params():,} parameters")
+        return 0
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    out = args.out or sweep.out_dir
+    try:
+        results = run_experiments(sweep.experiments, sweep.seeds, cache_dir=args.cache or sweep.cache_dir,
+                                  jobs=args.jobs or sweep.jobs, log=lambda line: print(line, flush=True))
+        results.save(out)
+    except (ValueError, OSError) as err:
+        _usage_error(prog, str(err))
+    print(summary_table(results))
+    print(f"wrote {out}/runs.csv, evals.csv, steps.csv.gz, details.json.gz")
+    return 0
+
+
 def _write_json(path: Path | None, data: Any) -> None:
     if path is None:
         return
@@ -442,13 +488,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(sub)
     _add_show(sub)
+    _add_sweep(sub)
     _add_bench(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"train": _run_train, "show": _run_show}
+    commands = {"train": _run_train, "show": _run_show, "sweep": _run_sweep}
     if args.command == "bench":
         run = {"layer": _run_bench_layer, "train": _run_bench_train}[args.bench]
     else:

@@ -373,3 +373,127 @@ def router_picker(show: Callable[..., Any], routers: Sequence[str], num_experts:
         "num_experts": widgets.Dropdown(options=list(num_experts), value=experts0, description="experts"),
         "top_k": widgets.Dropdown(options=list(top_k), value=k0, description="top-k"),
     })
+
+
+# --- load-balancing lab (notebooks/02_load_balancing.ipynb) ---------------------------------
+# These take the tables of ``workbench.experiments.Results`` (pandas DataFrames) and its
+# per-run lists; means and spreads are over seeds.
+
+
+def plot_load_heatmap(load_fraction_SE: Sequence[Sequence[float]], ax=None, title: str = ""):
+    """Expert x step heatmap of each expert's share of the assignments at every training step:
+    collapse shows as a few bright rows taking over; uniform routing is one flat colour (1/E)."""
+    fig, ax = _axes(ax)
+    m = torch.tensor(load_fraction_SE, dtype=torch.float64).T  # (E, steps)
+    E = m.shape[0]
+    im = ax.imshow(m.numpy(), aspect="auto", cmap="magma", interpolation="nearest", vmin=0,
+                   vmax=max(2.0 / E, float(m.max())), extent=(0.5, m.shape[1] + 0.5, E - 0.5, -0.5))
+    ax.set_xlabel("step")
+    ax.set_ylabel("expert")
+    ax.set_title(title or "share of assignments per expert")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    return fig
+
+
+def plot_load_by_layer(load_fraction: dict[str, Sequence[Sequence[float]]], title: str = ""):
+    """``plot_load_heatmap`` for every MoE layer of one run, side by side."""
+    layers = sorted(load_fraction, key=int)
+    fig, axes = _plt().subplots(1, len(layers), figsize=(3.6 * len(layers), 2.8), squeeze=False)
+    for ax, layer in zip(axes[0], layers, strict=True):
+        plot_load_heatmap(load_fraction[layer], ax=ax, title=f"layer {layer}")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def plot_runs_over_steps(steps: Any, metric: str, names: Sequence[str] | None = None, ax=None,
+                         smoothing: int = 10, ylabel: str = "", title: str = "", logy: bool = False):
+    """``metric`` against step, one line per experiment: the mean over seeds (smoothed with a
+    trailing window of ``smoothing`` steps) and a band from the lowest to the highest seed."""
+    fig, ax = _axes(ax, figsize=(7, 3.5))
+    names = list(dict.fromkeys(steps["name"])) if names is None else list(names)
+    for name in names:
+        rows = steps[steps["name"] == name]
+        if metric not in rows or rows[metric].isna().all():
+            continue
+        table = rows.pivot_table(index="step", columns="seed", values=metric)
+        smoothed = table.apply(lambda col: smooth(col.tolist(), smoothing))
+        mean = smoothed.mean(axis=1)
+        line = ax.plot(table.index, mean, label=name, lw=1.3)[0]
+        if table.shape[1] > 1:
+            ax.fill_between(table.index, smoothed.min(axis=1), smoothed.max(axis=1), color=line.get_color(),
+                            alpha=0.15, lw=0)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel or metric)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+def plot_pareto(runs: Any, x: str = "max_vio_global", y: str = "val_loss", by: str = "name",
+                color_by: str | None = "family", ax=None, title: str = ""):
+    """Each experiment at its mean (``x``, ``y``) over seeds, with error bars of one standard
+    deviation on both axes; lower-left is better on both. Points are coloured by ``color_by``."""
+    fig, ax = _axes(ax, figsize=(7, 4.5))
+    stats = runs.groupby(by, sort=False).agg(x_mean=(x, "mean"), x_std=(x, "std"), y_mean=(y, "mean"),
+                                            y_std=(y, "std"))
+    groups = runs.groupby(by, sort=False)[color_by].first() if color_by in runs else None
+    colors: dict[Any, Any] = {}
+    palette = _plt().rcParams["axes.prop_cycle"].by_key()["color"]
+    for name, row in stats.iterrows():
+        group = groups[name] if groups is not None else name
+        color = colors.setdefault(group, palette[len(colors) % len(palette)])
+        ax.errorbar(row.x_mean, row.y_mean, xerr=row.x_std if row.x_std == row.x_std else None,
+                    yerr=row.y_std if row.y_std == row.y_std else None, fmt="o", color=color, ms=5, capsize=2,
+                    label=group if list(colors).count(group) == 1 and group not in ax.get_legend_handles_labels()[1]
+                    else None)
+        ax.annotate(str(name), (row.x_mean, row.y_mean), fontsize=6.5, xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel(f"{x} (mean ± std over seeds)")
+    ax.set_ylabel(f"{y} (mean ± std over seeds)")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def plot_bias_trajectories(bias_SE: Sequence[Sequence[float]], ax=None, title: str = ""):
+    """The loss-free router bias of every expert against step (one line per expert)."""
+    fig, ax = _axes(ax)
+    b = torch.tensor(bias_SE, dtype=torch.float64)
+    steps = torch.arange(1, b.shape[0] + 1)
+    for e in range(b.shape[1]):
+        ax.plot(steps.numpy(), b[:, e].numpy(), lw=1, label=f"expert {e}")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("bias added to the selection score")
+    ax.set_title(title or "loss-free bias per expert")
+    ax.legend(fontsize=6, ncol=2)
+    return fig
+
+
+def plot_capacity_tradeoff(runs: Any, metrics: Sequence[tuple[str, str]] = (
+        ("dropped_fraction", "dropped assignments (fraction)"), ("val_loss", "validation loss"),
+        ("step_time_s", "step time (s, median)"))):
+    """Each metric against the capacity factor, one line per drop policy (mean ± std over
+    seeds), and the dropless dispatch as a dashed line with its spread as a band."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.2), squeeze=False)
+    capped = runs[runs["drop_policy"] != "none"]
+    dropless = runs[runs["drop_policy"] == "none"]
+    for ax, (metric, label) in zip(axes[0], metrics, strict=True):
+        for policy, rows in capped.groupby("drop_policy", sort=False):
+            stats = rows.groupby("capacity_factor")[metric].agg(["mean", "std"])
+            ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), marker="o", ms=4, capsize=2,
+                        label=f"capacity, {policy} drop")
+        if len(dropless):
+            mean, std = dropless[metric].mean(), dropless[metric].std()
+            ax.axhline(mean, color="black", ls="--", lw=1, label="dropless")
+            if std == std:
+                ax.axhspan(mean - std, mean + std, color="black", alpha=0.08, lw=0)
+        ax.set_xlabel("capacity factor")
+        ax.set_ylabel(label)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig

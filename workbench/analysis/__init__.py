@@ -21,11 +21,12 @@ from workbench.analysis.measure import (
     router_config,
 )
 from workbench.analysis.report import describe_routers, router_takeaways, summary_rows
-from workbench.analysis.routing import RoutingTrace, domain_specialization, route_text
+from workbench.analysis.routing import RoutingTrace, domain_expert_mutual_information, domain_specialization, route_text
 from workbench.analysis.runs import RouterRun, train_router
 
 __all__ = [
     "CAUSAL_TOLERANCE", "BatchRouting", "RouterRun", "RoutingTrace", "analyze_router", "build_model",
-    "describe_routers", "domain_specialization", "dropless_copy", "fixed_batch", "future_leak", "real_gates",
+    "describe_routers", "domain_expert_mutual_information", "domain_specialization", "dropless_copy",
+    "fixed_batch", "future_leak", "real_gates",
     "route_batch", "route_text", "router_config", "router_takeaways", "summary_rows", "train_router",
 ]

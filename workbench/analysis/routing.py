@@ -45,3 +45,19 @@ def domain_specialization(matrix_DE: torch.Tensor) -> torch.Tensor:
     p_e_given_d = m / m.sum(dim=1, keepdim=True).clamp(min=1)
     p_e = m.sum(dim=0) / m.sum().clamp(min=1)
     return p_e_given_d / p_e.clamp(min=1e-12)
+
+
+def domain_expert_mutual_information(matrix_DE: torch.Tensor) -> float:
+    """Mutual information I(domain; expert) in bits, from domain x expert assignment counts.
+
+        I = sum_{d,e} p(d, e) log2( p(d, e) / (p(d) p(e)) )
+
+    0 when every domain uses the experts in the same proportions (no specialization); at most
+    min(log2 D, log2 E), reached when each domain has experts of its own. One number per layer,
+    to compare how much routing depends on the domain across methods (Qiu et al. 2025 compare
+    micro- and global-batch balancing this way, by how domain-specific the experts become).
+    """
+    p_DE = matrix_DE.double() / matrix_DE.sum().clamp(min=1)
+    outer_DE = p_DE.sum(dim=1, keepdim=True) * p_DE.sum(dim=0, keepdim=True)
+    nz = p_DE > 0
+    return float((p_DE[nz] * torch.log2(p_DE[nz] / outer_DE[nz])).sum())

@@ -1,0 +1,1 @@
+"""Lab logic for the notebooks: what each lab trains and how it judges the result, as tested code."""
