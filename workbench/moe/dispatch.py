@@ -63,7 +63,7 @@ class DispatchStats:
     kept_per_expert: torch.Tensor  # (E,) long: assignments the experts actually processed
     dropped_assignments: torch.Tensor  # () long: token-expert pairs that lost their slot
     dropped_tokens: torch.Tensor  # () long: tokens that had assignments and lost all of them
-    capacity: int | None = None  # slots per expert; None for dropless dispatch
+    capacity: int | None = None  # slots per expert (per sequence, capacity_scope="sequence"); None: dropless
 
     @classmethod
     def dropless(cls, tokens_per_expert: torch.Tensor) -> DispatchStats:
