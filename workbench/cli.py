@@ -104,13 +104,12 @@ def _choices(field_name: str) -> tuple[str, ...] | None:
         return AUTOCAST
     if field_name == "device":
         return DEVICES
-    if field_name == "drop_policy":
-        from workbench.moe.config import DROP_POLICIES
-        return DROP_POLICIES
-    if field_name == "expert_choice_eval":
-        from workbench.moe.config import EXPERT_CHOICE_EVAL
-        return EXPERT_CHOICE_EVAL
-    return None
+    from workbench.moe import config as moe_config
+
+    choice_tuples = {"drop_policy": moe_config.DROP_POLICIES, "expert_choice_eval": moe_config.EXPERT_CHOICE_EVAL,
+                     "capacity_scope": moe_config.CAPACITY_SCOPES, "aux_loss_scope": moe_config.AUX_LOSS_SCOPES,
+                     "bias_update_rule": moe_config.BIAS_UPDATE_RULES}
+    return choice_tuples.get(field_name)
 
 
 _TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
