@@ -5,7 +5,10 @@ zoo side by side (one fixed batch, before and after a short run).
 - ``causality``: whether earlier logits depend on later tokens;
 - ``runs``: a short training run per router, measured before and after;
 - ``report``: table rows and sentences computed from runs;
-- ``routing``: a single text's route, layer by layer, and domain specialization.
+- ``routing``: a single text's route, layer by layer, and domain specialization;
+- ``traces``: streamed, bounded-memory routing counts of a model over a dataset;
+- ``specialization``: the OLMoE specialization analyses of those counts, each beside the score of
+  random routing with the same per-expert load.
 
 The figures for all of them are in ``workbench.viz``.
 """
@@ -23,10 +26,40 @@ from workbench.analysis.measure import (
 from workbench.analysis.report import describe_routers, router_takeaways, summary_rows
 from workbench.analysis.routing import RoutingTrace, domain_expert_mutual_information, domain_specialization, route_text
 from workbench.analysis.runs import RouterRun, train_router
+from workbench.analysis.specialization import (
+    Coactivation,
+    CrossLayer,
+    DomainSpecialization,
+    Saturation,
+    Scored,
+    VocabularySpecialization,
+    coactivation,
+    cross_layer_consistency,
+    domain_specialization_nmi,
+    random_expert_sets,
+    router_saturation,
+    saturation_curve,
+    specialization_table,
+    vocabulary_specialization,
+)
+from workbench.analysis.traces import (
+    ProbeRecorder,
+    RoutingCollector,
+    RoutingCounts,
+    byte_classes,
+    collect,
+    probe_routing,
+    ranked_experts,
+)
 
 __all__ = [
     "CAUSAL_TOLERANCE", "BatchRouting", "RouterRun", "RoutingTrace", "analyze_router", "build_model",
     "describe_routers", "domain_expert_mutual_information", "domain_specialization", "dropless_copy",
     "fixed_batch", "future_leak", "real_gates",
     "route_batch", "route_text", "router_config", "router_takeaways", "summary_rows", "train_router",
+    # specialization
+    "Coactivation", "CrossLayer", "DomainSpecialization", "ProbeRecorder", "RoutingCollector", "RoutingCounts",
+    "Saturation", "Scored", "VocabularySpecialization", "byte_classes", "coactivation", "collect",
+    "cross_layer_consistency", "domain_specialization_nmi", "probe_routing", "random_expert_sets", "ranked_experts",
+    "router_saturation", "saturation_curve", "specialization_table", "vocabulary_specialization",
 ]
