@@ -178,6 +178,8 @@ def test_tables_have_one_row_per_run_and_per_step(tmp_path):
     assert sorted(zip(r.runs["name"], r.runs["seed"], strict=True)) == [("aux", 0), ("aux", 1), ("free", 3)]
     assert len(r.steps) == 3 * 3 and set(r.steps["step"]) == {1, 2, 3}
     assert set(r.evals["step"]) == {2, 3}
+    for metric in ("cv", "entropy", "unused_experts", "dropped_fraction"):  # means over the MoE layers
+        assert r.steps[metric].tolist() == pytest.approx(r.steps[[f"L0/{metric}", f"L1/{metric}"]].mean(axis=1))
     assert r.runs["method"].tolist() == ["aux", "aux", "loss-free"]
     assert (r.runs["tokens"] == 3 * 2 * 32).all()
     assert r.runs["max_vio_global"].notna().all() and (r.runs["max_vio_global"] >= 0).all()
@@ -315,3 +317,18 @@ def test_cli_sweep_bad_file_is_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "stepz" in err
+
+
+def test_capacity_runs_record_validation_drops_and_the_dropless_loss(tmp_path):
+    never_drops = Experiment(name="never", model=small_model(dispatch="capacity", capacity_factor=None),
+                             train=small_train())
+    drops = Experiment(name="drops", model=small_model(dispatch="capacity", capacity_factor=0.25),
+                       train=small_train())
+    r = run_experiments([never_drops, drops, two_experiments()[0]], seeds=[0], cache_dir=tmp_path, log=None)
+    by = r.runs.set_index("name")
+    # nothing dropped: the dropless copy of the same weights computes the same function
+    assert by.loc["never", "eval_dropped_fraction"] == 0.0
+    assert by.loc["never", "dropless_val_loss"] == pytest.approx(by.loc["never", "val_loss"], abs=1e-5)
+    assert by.loc["drops", "eval_dropped_fraction"] > 0.3  # C is a quarter of the mean load
+    assert by.loc["drops", "dropless_val_loss"] != pytest.approx(by.loc["drops", "val_loss"], abs=1e-4)
+    assert math.isnan(by.loc["aux", "eval_dropped_fraction"])  # not a capacity dispatch

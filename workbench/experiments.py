@@ -112,7 +112,7 @@ def code_version(root: Path | None = None) -> str:
             if f.is_file() and f.suffix in (".py", ".cpp"):
                 digest.update(str(f.relative_to(root)).encode())
                 digest.update(f.read_bytes())
-    for obj in (train_run, _Recorder):
+    for obj in (train_run, _Recorder, _capacity_eval):
         digest.update(inspect.getsource(obj).encode())
     return digest.hexdigest()[:16]
 
@@ -189,7 +189,47 @@ class _Recorder:
         if "val/loss" in row and trainer.last_eval is not None:
             ev = trainer.last_eval
             self.evals.append({"step": ev.step, "val_loss": ev.loss, "loss_per_domain": dict(ev.loss_per_domain),
-                               "domains": list(ev.domains), "routing_matrix": ev.routing_matrix.tolist()})
+                               "domains": list(ev.domains), "routing_matrix": ev.routing_matrix.tolist(),
+                               **_capacity_eval(trainer)})
+
+
+@torch.no_grad()
+def _capacity_eval(trainer: Any) -> dict[str, float]:
+    """For a model with the capacity dispatch, at a validation: the share of assignments that its
+    dispatch drops on the validation batches, and the validation loss of the same weights behind
+    the dropless dispatch. A validation batch holds one domain, so its routing is less even than a
+    mixed training batch's and it can drop far more: the trainer's validation loss then measures
+    serving with a capacity limit, ``dropless_val_loss`` what the weights learned. Empty otherwise.
+    """
+    moe = trainer.model_cfg.moe
+    if moe is None or moe.dispatch != "capacity":
+        return {}
+    import torch.nn.functional as F
+
+    from workbench.analysis.causality import dropless_copy
+
+    with torch.random.fork_rng():  # building the copy draws an initialisation: keep the run's generator
+        dropless = dropless_copy(trainer.model)
+    model, was_training = trainer.model, trainer.model.training
+    model.eval()
+    dropless.eval()
+    dropped = assignments = tokens = 0
+    loss_sum = 0.0
+    try:
+        for batches in trainer.data.val_batches().values():
+            for batch in batches:
+                ids, targets = batch.tokens.to(trainer.device), batch.targets.to(trainer.device)
+                with trainer._autocast():
+                    for info in model(ids).routing:
+                        dropped += int(info.stats.dropped_assignments)
+                        assignments += info.router_output.expert_ids_TK.numel()
+                    logits = dropless(ids).logits
+                loss_sum += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
+                tokens += targets.numel()
+    finally:
+        model.train(was_training)
+    return {"eval_dropped_fraction": dropped / max(1, assignments),
+            "dropless_val_loss": loss_sum / tokens if tokens else float("nan")}
 
 
 # --- many runs ----------------------------------------------------------------------------------
@@ -366,6 +406,9 @@ def _eval_row(ev: dict[str, Any], moe_layers: Sequence[int]) -> dict[str, Any]:
                     f"L{layer}/unused_experts_global": m["unused_experts"], f"L{layer}/domain_mi": mi})
         vios.append(m["max_vio"])
         mis.append(mi)
+    for extra in ("eval_dropped_fraction", "dropless_val_loss"):  # capacity dispatch only
+        if extra in ev:
+            row[extra] = ev[extra]
     row["max_vio_global"] = sum(vios) / len(vios) if vios else float("nan")
     row["domain_mi"] = sum(mis) / len(mis) if mis else float("nan")
     return row
@@ -386,8 +429,14 @@ def _tabulate(specs: Sequence[tuple[Experiment, int]], records: Sequence[dict[st
     for (e, seed), rec in zip(specs, records, strict=True):
         ident = {"name": e.name, "seed": seed, **e.tags}
         details[(e.name, seed)] = rec
+        layer_means = ("cv", "entropy", "unused_experts", "dropped_fraction")
         for row in rec["steps"]:
-            step_rows.append({**ident, **row})
+            means = {}
+            for metric in layer_means:  # the per-layer columns, averaged like max_vio already is
+                values = [row[f"L{i}/{metric}"] for i in rec["moe_layers"] if f"L{i}/{metric}" in row]
+                if values:
+                    means[metric] = sum(values) / len(values)
+            step_rows.append({**ident, **row, **means})
         evs = [_eval_row(ev, rec["moe_layers"]) for ev in rec["evals"]]
         eval_rows.extend({**ident, **ev} for ev in evs)
         final = evs[-1] if evs else {}
@@ -406,6 +455,9 @@ def _tabulate(specs: Sequence[tuple[Experiment, int]], records: Sequence[dict[st
             "entropy_batch": _mean([_tail_mean(steps, f"L{i}/entropy") for i in layers]),
             "unused_experts_global": _mean([final.get(f"L{i}/unused_experts_global", float("nan")) for i in layers]),
             "dropped_fraction": _mean([_tail_mean(steps, f"L{i}/dropped_fraction") for i in layers]),
+            # capacity dispatch: drops on the validation batches, and the loss without them
+            "eval_dropped_fraction": final.get("eval_dropped_fraction", float("nan")),
+            "dropless_val_loss": final.get("dropless_val_loss", float("nan")),
             "domain_mi": final.get("domain_mi", float("nan")),
             "step_time_s": rec["step_time_s"],
             "tokens_per_s": rec["tokens_per_s"],

@@ -480,6 +480,7 @@ def plot_capacity_tradeoff(runs: Any, metrics: Sequence[tuple[str, str]] = (
     seeds), and the dropless dispatch as a dashed line with its spread as a band."""
     plt = _plt()
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.2), squeeze=False)
+    # the dropless run has no capacity: it is drawn as a reference line where it has the metric
     capped = runs[runs["drop_policy"] != "none"]
     dropless = runs[runs["drop_policy"] == "none"]
     for ax, (metric, label) in zip(axes[0], metrics, strict=True):
@@ -487,7 +488,7 @@ def plot_capacity_tradeoff(runs: Any, metrics: Sequence[tuple[str, str]] = (
             stats = rows.groupby("capacity_factor")[metric].agg(["mean", "std"])
             ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), marker="o", ms=4, capsize=2,
                         label=f"capacity, {policy} drop")
-        if len(dropless):
+        if len(dropless) and dropless[metric].notna().any():
             mean, std = dropless[metric].mean(), dropless[metric].std()
             ax.axhline(mean, color="black", ls="--", lw=1, label="dropless")
             if std == std:

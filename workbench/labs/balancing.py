@@ -251,14 +251,15 @@ def takeaways(runs: Any) -> list[str]:
         lines.append("Micro- vs global-batch auxiliary loss: " + specialization_check(runs, micro, global_)["verdict"])
     cap = runs[runs["group"] == "capacity"]
     if len(cap):
-        by = cap.groupby("name", sort=False)[["dropped_fraction", "val_loss", "step_time_s"]].mean()
-        most = by["dropped_fraction"].idxmax()
-        line = (f"Capacity: {most} drops the most ({by.loc[most, 'dropped_fraction']:.1%} of assignments, validation "
-                f"loss {by.loc[most, 'val_loss']:.4f}")
-        if "dropless" in by.index:
-            line += (f", vs {by.loc['dropless', 'val_loss']:.4f} dropless; median step time "
-                     f"{by.loc[most, 'step_time_s'] * 1e3:.0f} ms vs {by.loc['dropless', 'step_time_s'] * 1e3:.0f} ms)")
-        else:
-            line += ")"
-        lines.append(line + ".")
+        cols = ["dropped_fraction", "eval_dropped_fraction", "val_loss", "dropless_val_loss", "step_time_s"]
+        by = cap.groupby("name", sort=False)[[c for c in cols if c in cap]].mean()
+        for name, r in by.drop(index="dropless", errors="ignore").iterrows():
+            line = (f"Capacity, {name}: drops {r['dropped_fraction']:.1%} of the training assignments and "
+                    f"{r.get('eval_dropped_fraction', float('nan')):.1%} of the validation ones; validation loss "
+                    f"{r['val_loss']:.4f} with the capacity dispatch, {r.get('dropless_val_loss', float('nan')):.4f} "
+                    f"with the same weights dropless; median step time {r['step_time_s'] * 1e3:.0f} ms")
+            if "dropless" in by.index:
+                d = by.loc["dropless"]
+                line += f" (dropless: validation loss {d['val_loss']:.4f}, {d['step_time_s'] * 1e3:.0f} ms)"
+            lines.append(line + ".")
     return lines
