@@ -14,9 +14,10 @@ analysis                        score                               baseline (sa
 ==============================  ==================================  ===================================
 ``domain_specialization_nmi``   I(domain; expert) / min(H(domain),  Miller-Madow bias of the plug-in
                                 H(expert)), over assignments        MI: (D-1)(E-1) / (2 N ln 2) bits
-``vocabulary_specialization``   share of a token's occurrences      the same share for independent
-                                routed to its most used expert      Binomial(n_v, q_e) counts (-> max q_e,
-                                (OLMoE); per byte class too         k/E when balanced)
+``vocabulary_specialization``   share of a token's occurrences      its expectation over random expert
+                                routed to its most used expert      sets with rates q_e, simulated for
+                                (OLMoE); per byte class too         n_v occurrences (-> max_e q_e; k/E
+                                                                    when balanced)
 ``coactivation``                P(b | a) over all pairs of a        (k - 1) q_b / (k - q_a)
                                 token's top-k set                   ((k-1)/(E-1) when balanced)
 ``router_saturation``           |S_t & S_final| / |S_final| over    sum_e q_e^t q_e^final / k
@@ -148,7 +149,7 @@ def domain_specialization_nmi(domain_expert_DE: torch.Tensor,
     With ``domain_tokens_D`` (tokens per domain), ``share_DE`` is OLMoE's domain specialization
     (Muennighoff et al. 2024, arXiv:2409.02060, section 5: the fraction of a domain's tokens
     routed to expert e, top-k counted), with baseline ``share_baseline_E`` = q_e (k/E when
-    balanced, the "uniform" line of their figure). Mutual information between domain and expert
+    balanced, the random-chance level they compare with). Mutual information between domain and expert
     is the comparison Qiu et al. 2025 (arXiv:2501.11873) make between balancing scopes.
     """
     counts_DE = _check_counts("domain_expert_DE", domain_expert_DE, 2)
