@@ -34,7 +34,8 @@ ids and gates (``transformers`` 5.x, ``experts(hidden, top_k_index, top_k_weight
 them there, the model's own decision; where the router returns them (DeepSeek-V3 in 4.x) it reads
 its output; where the router returns only logits (4.x ``nn.Linear`` gates) the hook routes the
 router's input with the converted workbench router, whose equality with the block is tested.
-The counts are the workbench's ``RoutingCounts``, so every analysis of
+Both layouts are tested (``transformers`` 4.57 and 5.24). The counts are the workbench's
+``RoutingCounts``, so every analysis of
 ``workbench.analysis.specialization`` runs unchanged on a pretrained model on disk::
 
     model = AutoModelForCausalLM.from_pretrained("/path/to/OLMoE-1B-7B", torch_dtype=torch.bfloat16)
