@@ -173,6 +173,19 @@ def domain_specialization_nmi(domain_expert_DE: torch.Tensor,
 # --- vocabulary specialization ---------------------------------------------------------------------
 
 
+def _systematic_sample(q_E: torch.Tensor, num: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(num, J) expert ids and (num, J) bool real slots of ``random_expert_sets`` (J = ceil(sum q))."""
+    E = q_E.numel()
+    total = float(q_E.sum())
+    points = max(1, math.ceil(total - 1e-9))
+    perm_NE = torch.rand(num, E, generator=generator).argsort(dim=1)
+    # float32 is plenty here: it moves an inclusion probability by about 1e-7
+    cum_NE = q_E.float()[perm_NE].cumsum(dim=1)
+    points_NJ = torch.rand(num, 1, generator=generator) + torch.arange(points, dtype=torch.float32)
+    pos_NJ = torch.searchsorted(cum_NE, points_NJ, right=True).clamp(max=E - 1)
+    return perm_NE.gather(1, pos_NJ), points_NJ < total
+
+
 def random_expert_sets(q_E: torch.Tensor, num: int, generator: torch.Generator) -> torch.Tensor:
     """(num, E) float64 multi-hot: ``num`` random expert sets, expert e in each with probability q_e.
 
@@ -181,15 +194,8 @@ def random_expert_sets(q_E: torch.Tensor, num: int, generator: torch.Generator) 
     sum_e q_e, u ~ U(0, 1). Each set holds distinct experts, about sum_e q_e of them (exactly k for
     top-k counts), and e is included with probability exactly q_e; equal rates give a uniformly
     random k-subset."""
-    E = q_E.numel()
-    total = float(q_E.sum())
-    points = max(1, math.ceil(total - 1e-9))
-    perm_NE = torch.rand(num, E, generator=generator).argsort(dim=1)
-    cum_NE = q_E.double()[perm_NE].cumsum(dim=1)
-    points_NJ = torch.rand(num, 1, generator=generator, dtype=torch.float64) + torch.arange(points)
-    real_NJ = (points_NJ < total).double()
-    pos_NJ = torch.searchsorted(cum_NE, points_NJ, right=True).clamp(max=E - 1)
-    return torch.zeros(num, E, dtype=torch.float64).scatter_add_(1, perm_NE.gather(1, pos_NJ), real_NJ)
+    ids_NJ, real_NJ = _systematic_sample(q_E, num, generator)
+    return torch.zeros(num, q_E.numel(), dtype=torch.float64).scatter_add_(1, ids_NJ, real_NJ.double())
 
 
 def _random_routing_max_share(n_v: torch.Tensor, q_E: torch.Tensor, draws: int, max_simulated: int,
@@ -208,9 +214,10 @@ def _random_routing_max_share(n_v: torch.Tensor, q_E: torch.Tensor, draws: int, 
         done = int(cum[start - 1]) if start else 0
         end = max(start + 1, int(torch.searchsorted(cum, done + budget, right=True)))
         sizes = m_v[start:end].repeat_interleave(draws)  # group (v, r): m_v occurrences
-        counts_GE = torch.zeros(sizes.numel(), E, dtype=torch.float64)
-        counts_GE.index_add_(0, torch.arange(sizes.numel()).repeat_interleave(sizes),
-                             random_expert_sets(q_E, int(sizes.sum()), generator))
+        G = sizes.numel()
+        ids_NJ, real_NJ = _systematic_sample(q_E, int(sizes.sum()), generator)
+        group_NJ = torch.arange(G).repeat_interleave(sizes).unsqueeze(1).expand_as(ids_NJ)
+        counts_GE = torch.bincount((group_NJ * E + ids_NJ)[real_NJ], minlength=G * E).view(G, E)
         share_v[start:end] = (counts_GE.max(dim=1).values.view(-1, draws) / m_v[start:end].unsqueeze(1)).mean(dim=1)
         start = end
     limit = float(q_E.max())
@@ -234,7 +241,7 @@ class VocabularySpecialization(Scored):
 
 def vocabulary_specialization(token_expert_VE: torch.Tensor, token_count_V: torch.Tensor, *,
                               classes: Mapping[str, Sequence[int]] | None = None,
-                              min_count: int = DEFAULT_MIN_COUNT, draws: int = 32, max_simulated: int = 1024,
+                              min_count: int = DEFAULT_MIN_COUNT, draws: int = 16, max_simulated: int = 512,
                               seed: int = 0) -> VocabularySpecialization:
     """How consistently a token id goes to one expert (OLMoE's vocabulary specialization).
 
@@ -495,19 +502,21 @@ def cross_layer_consistency(transition_EE: torch.Tensor) -> CrossLayer:
 
 
 def specialization_table(counts: RoutingCounts, *, classes: Mapping[str, Sequence[int]] | None = None,
-                         min_count: int = DEFAULT_MIN_COUNT, seed: int = 0) -> list[dict[str, Any]]:
+                         min_count: int = DEFAULT_MIN_COUNT, draws: int = 16, seed: int = 0) -> list[dict[str, Any]]:
     """One row per MoE layer with every score beside its baseline (tidy, for pandas).
 
     Keys: layer; domain_nmi, domain_nmi_baseline; vocab, vocab_baseline (top-k counts); vocab_top1,
     vocab_top1_baseline; vocab/<class>, vocab/<class>_baseline; coactivation, coactivation_baseline;
     cross_layer (first experts) and cross_layer_pairs (all pairs), each with _baseline, to the next
-    MoE layer (NaN for the last)."""
+    MoE layer (NaN for the last). ``min_count``, ``draws`` and ``seed`` go to
+    ``vocabulary_specialization`` (fewer draws: a faster, noisier vocabulary baseline)."""
     rows = []
     for li, layer in enumerate(counts.layers):
         dom = domain_specialization_nmi(counts.domain_expert_LDE[li], counts.domain_tokens_D)
         voc = vocabulary_specialization(counts.token_expert[li], counts.token_count_V, classes=classes,
-                                        min_count=min_count, seed=seed)
-        top1 = vocabulary_specialization(counts.token_top1[li], counts.token_count_V, min_count=min_count, seed=seed)
+                                        min_count=min_count, draws=draws, seed=seed)
+        top1 = vocabulary_specialization(counts.token_top1[li], counts.token_count_V, min_count=min_count,
+                                         draws=draws, seed=seed)
         co = coactivation(counts.coactivation_LEE[li], max(counts.tokens, 1))
         row: dict[str, Any] = {"layer": layer, "domain_nmi": dom.score, "domain_nmi_baseline": dom.baseline,
                                "vocab": voc.score, "vocab_baseline": voc.baseline, "vocab_top1": top1.score,
