@@ -409,7 +409,8 @@ def collect_hf_routing(model: nn.Module, batches: Iterable[Any], *, domains: Seq
     ``batches`` yields (B, S) token id tensors, (tokens, domain ids) pairs or ``Batch`` objects;
     ``domains`` names the domain ids. ``probe_tokens`` (B, S): a fixed probe set whose ranked experts
     are kept, for router saturation across checkpoints (``revision=`` of ``from_pretrained``). The
-    model runs in evaluation mode (restored after) on its own device, without a KV cache.
+    model runs in evaluation mode (restored after) on its own device, without a KV cache. Every token
+    of a batch is counted, so pack text into full windows rather than padding them.
     """
     config = model.config
     with hf_routing_hooks(model) as hooks:
