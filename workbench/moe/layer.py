@@ -88,6 +88,14 @@ class MoELayer(nn.Module):
         info = RoutingInfo(routing, stats, losses, weighted, (B, S))
         return y_TD.view(B, S, D), info
 
+    def global_counts(self, counts_E: torch.Tensor) -> torch.Tensor:
+        """This micro-batch's assignment counts over every process that holds part of the global batch.
+
+        One process holds all of it, so they are returned as they are; the expert-parallel layer
+        (``workbench.parallel.ExpertParallelMoELayer``) sums them over its ranks here.
+        """
+        return counts_E
+
     def _balance_losses(self, routing: RouterOutput, batch_shape: tuple[int, int],
                         padding_mask_BS: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         B, S = batch_shape
@@ -96,8 +104,7 @@ class MoELayer(nn.Module):
         cfg = self.cfg
         if cfg.aux_loss_scope == "global_batch" and self.training:
             counts_E = balance.assignment_counts(routing.expert_ids_TK, cfg.num_experts, mask_T, slot_mask_TK)
-            # With data / expert parallelism, all-reduce counts_E over the data-parallel ranks here (not built yet).
-            self.aux_counts_since_step += counts_E
+            self.aux_counts_since_step += self.global_counts(counts_E)
             aux_loss = partial(balance.global_batch_aux_loss, routing.scores_TE, self.aux_counts_since_step, mask_T)
         else:  # micro-batch scope, and evaluation, where there is no optimizer step to count over
             aux_loss = partial(balance.switch_aux_loss, routing.scores_TE, routing.expert_ids_TK, mask_T, slot_mask_TK)

@@ -77,10 +77,10 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _optimizer_to_flat(optimizer: torch.optim.Optimizer, param_names: dict[int, str]
-                       ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _optimizer_to_flat(optimizer: torch.optim.Optimizer, param_names: dict[int, str],
+                       state_dict: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """AdamW's state keyed by parameter *name* (robust to parameter order) plus its groups."""
-    sd = optimizer.state_dict()
+    sd = optimizer.state_dict() if state_dict is None else state_dict
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for idx, state in sd["state"].items():
@@ -116,18 +116,26 @@ def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, model_config: dict[str, Any], train_config: dict[str, Any],
-                    keep: int | None = None) -> Path:
-    """Write ``ckpt-<step>.safetensors`` atomically; then keep only the newest ``keep`` files."""
+                    keep: int | None = None, *, model_state: dict[str, torch.Tensor] | None = None,
+                    optimizer_state: dict[str, Any] | None = None) -> Path:
+    """Write ``ckpt-<step>.safetensors`` atomically; then keep only the newest ``keep`` files.
+
+    ``model_state`` and ``optimizer_state`` replace ``model.state_dict()`` and
+    ``optimizer.state_dict()`` when given: an expert-parallel run passes its experts gathered
+    into the single-process layout (``workbench.parallel.state``), so every checkpoint has it.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if model_state is None:
+        model_state = model.state_dict()
     # Shared storage (tied embeddings) cannot be saved twice by safetensors: clone each entry.
-    tensors = {f"model/{k}": v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    tensors = {f"model/{k}": v.detach().cpu().clone().contiguous() for k, v in model_state.items()}
     # The optimizer numbers parameters by their order in its groups, not in the model: map
     # each one to its name through its identity.
     by_id = {id(p): n for n, p in model.named_parameters()}
     ordered = [p for g in optimizer.param_groups for p in g["params"]]
     param_names = {i: by_id[id(p)] for i, p in enumerate(ordered)}
-    optim_tensors, optim_meta = _optimizer_to_flat(optimizer, param_names)
+    optim_tensors, optim_meta = _optimizer_to_flat(optimizer, param_names, optimizer_state)
     tensors.update(optim_tensors)
     rng = capture_rng_state()
     tensors["rng/torch"] = rng["torch"]
