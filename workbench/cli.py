@@ -1,4 +1,5 @@
-"""The ``workbench`` command: ``train``, ``show``, ``sweep``, ``bench layer``, ``bench train``.
+"""The ``workbench`` command: ``train``, ``show``, ``sweep``, ``bench layer``, ``bench train``,
+``bench expert-parallel``.
 
 Every field of ``ModelConfig``, ``MoEConfig`` and ``TrainConfig`` is a ``train`` flag
 (``--num-experts 16``); the defaults shown by ``--help`` are the ``tiny`` preset's.
@@ -7,6 +8,10 @@ Every fault is one line on stderr, never a traceback: a bad flag or config value
 data, a device this torch cannot use, a run directory that cannot be written, a checkpoint
 that cannot be written or read. Exit status: 0 done, 1 training diverged, 2 any other fault,
 130 interrupted (Ctrl-C).
+
+Under torchrun (``torchrun --nproc-per-node N -m workbench train ... --expert-parallel P``) every
+rank runs ``train``; rank 0 alone prints the run's lines and writes the run directory, and a
+fault on another rank is printed with that rank's number.
 """
 
 from __future__ import annotations
@@ -180,6 +185,11 @@ Every field of the model, MoE and training configs is a flag; defaults are the t
 Start from --preset, apply a --balance recipe, then explicit flags. --resume continues a run
 bit for bit from its newest good checkpoint; see a run with `workbench show RUN_DIR`.
 
+Several processes: torchrun --nproc-per-node N -m workbench train ... --expert-parallel P
+splits every MoE layer's experts over P ranks (all-to-all of tokens) and shares each step's
+micro-batches out over the N ranks (--grad-accum a multiple of N; data parallel over N / P
+copies of the experts). Checkpoints keep the one-process layout: any number of ranks resumes them.
+
 Exit status: 0 done (or already finished), 1 training diverged (the last good checkpoint is
 kept), 2 a bad value or any other fault (one line on stderr), 130 interrupted by Ctrl-C."""
 
@@ -197,6 +207,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="continue the run in --run-dir exactly (a finished run is left as it is)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run in --run-dir; it is deleted only once the new run has been checked")
+    p.add_argument("--expert-parallel", type=int, default=None, metavar="P",
+                   help="under torchrun: split each MoE layer's experts over P ranks (P divides num_experts and "
+                        "the number of ranks; the rest is data parallelism); default 1, data parallel only")
     base = preset("tiny")
     _MODEL_FIELDS[:] = _add_config_flags(p, ModelConfig, base, "model (ModelConfig)", skip=("moe",))
     _MOE_FIELDS[:] = _add_config_flags(p, MoEConfig, base.moe, "MoE layers (MoEConfig)")
@@ -217,32 +230,83 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
     return model_cfg, train_cfg
 
 
+def _parallel_launch(args: argparse.Namespace):
+    """The parallel context of a torchrun launch (``WORLD_SIZE`` > 1), or None for one process.
+
+    ``--expert-parallel P`` > 1 without such a launch is refused with the command line to use.
+    """
+    P = args.expert_parallel
+    if P is not None and P < 1:
+        raise ValueError(f"--expert-parallel={P} is invalid: must be an integer >= 1")
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        if P not in (None, 1):
+            raise ValueError(f"--expert-parallel={P} is invalid here: it splits the experts over {P} processes, "
+                             f"and this is one; launch with: torchrun --nproc-per-node {P} -m workbench train ... "
+                             f"--expert-parallel {P}")
+        return None
+    from workbench.parallel import init_parallel
+
+    if args.resume:  # the device the run recorded
+        from workbench.train.rundir import read_run_info
+
+        info = read_run_info(Path(vars(args).get("run_dir", TrainConfig().run_dir))) or {}
+        device = info.get("train_config", {}).get("device", TrainConfig().device)
+    else:
+        device = vars(args).get("device", TrainConfig().device)
+    return init_parallel(expert_parallel=P or 1, device=device)
+
+
 def _run_train(args: argparse.Namespace) -> int:
+    prog = "workbench train"
+    try:
+        parallel = _parallel_launch(args)
+    except (ValueError, RuntimeError) as err:
+        _usage_error(prog, str(err))
+    if parallel is None:
+        return _train(args, prog, None)
+    from workbench.parallel import shutdown
+
+    try:
+        return _train(args, prog if parallel.is_main else f"{prog} [rank {parallel.rank}]", parallel)
+    finally:
+        shutdown()
+
+
+def _train(args: argparse.Namespace, prog: str, parallel) -> int:
     from workbench.train import CheckpointError, Trainer, TrainingDiverged
 
-    prog = "workbench train"
+    trainer_cls, errors = Trainer, (ValueError, OSError, CheckpointError)
+    if parallel is not None:
+        from workbench.parallel.trainer import ExpertParallelTrainer, PeerFailed
+
+        trainer_cls, errors = ExpertParallelTrainer, (*errors, PeerFailed)
+    say = print if parallel is None or parallel.is_main else (lambda *a, **k: None)  # rank 0 speaks for the run
     os.environ.setdefault("WANDB_MODE", "offline")  # runs can be synced later with `wandb sync`
     try:
         if args.resume:
             changed = [k for k in _MODEL_FIELDS + _MOE_FIELDS + _TRAIN_FIELDS
                        if k in vars(args) and k not in ("run_dir", "progress")]
             if changed or args.dense or args.balance or args.overwrite:
-                _usage_error(prog, "--resume continues a run exactly: only --run-dir and --no-progress may be given")
+                _usage_error(prog, "--resume continues a run exactly: only --run-dir, --no-progress and "
+                             "--expert-parallel may be given")
             run_dir = vars(args).get("run_dir", TrainConfig().run_dir)
-            trainer = Trainer.resume(run_dir, progress=vars(args).get("progress", True))
+            trainer = trainer_cls.resume(run_dir, progress=vars(args).get("progress", True))
             if trainer.finished:
-                print(f"{run_dir} is finished: step {trainer.step} of {trainer.cfg.steps}, nothing to do and "
-                      f"nothing changed (see it with: workbench show {run_dir})")
+                say(f"{run_dir} is finished: step {trainer.step} of {trainer.cfg.steps}, nothing to do and "
+                    f"nothing changed (see it with: workbench show {run_dir})")
                 return 0
-            print(f"resuming {run_dir} from step {trainer.step} ({trainer.resumed_from.name})")
+            say(f"resuming {run_dir} from step {trainer.step} ({trainer.resumed_from.name})")
         else:
             model_cfg, train_cfg = configs_from_args(args)
-            trainer = Trainer(model_cfg, train_cfg, overwrite=args.overwrite)
-    except (ValueError, OSError, CheckpointError) as err:
+            trainer = trainer_cls(model_cfg, train_cfg, overwrite=args.overwrite)
+    except errors as err:
         _usage_error(prog, str(err))
 
-    print(f"model: {trainer.model_cfg.num_params():,} parameters, {trainer.model_cfg.num_active_params():,} active "
-          f"per token; data: {', '.join(trainer.data.domains)}; run dir: {trainer.run_dir}", flush=True)
+    say(f"model: {trainer.model_cfg.num_params():,} parameters, {trainer.model_cfg.num_active_params():,} active "
+        f"per token; data: {', '.join(trainer.data.domains)}; run dir: {trainer.run_dir}", flush=True)
+    if parallel is not None:
+        say(f"parallel: {parallel.world_size} ranks, expert parallel {parallel.ep_size} x data parallel "
+            f"{parallel.dp_size}, {parallel.backend} on {parallel.device.type}", flush=True)
     try:
         trainer.fit()
     except TrainingDiverged as err:
@@ -251,8 +315,10 @@ def _run_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: {_interrupted(trainer)}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (CheckpointError, OSError, ValueError) as err:  # a full disk, a run dir that went away...
+    except errors as err:  # a full disk, a run dir that went away...
         _usage_error(prog, f"{err}; training stopped at step {trainer.step}")
+    if parallel is not None and not parallel.is_main:
+        return 0
     try:
         print(summarize(trainer))
     except OSError as err:
@@ -390,6 +456,24 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                        help="time each preset's dense twin as well, taking turns, and report the ratio")
     train.add_argument("--json", type=Path, default=None, help="also write the result here")
 
+    ep = which.add_parser("expert-parallel", help="training tokens/s: 1 process x T threads vs N processes at EP=P",
+                          description="Train a preset in one process with --single-threads threads, then on "
+                                      "--nprocs gloo processes with one thread each and its experts split over "
+                                      "--expert-parallel of them (the same global batch), taking turns for "
+                                      "--rounds rounds; report tokens/s, their ratio and the bytes the "
+                                      "all-to-alls moved per step.",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ep.add_argument("--preset", default="small", choices=["tiny", "small"], help="model preset")
+    ep.add_argument("--nprocs", type=int, default=2, help="processes of the parallel side")
+    ep.add_argument("--expert-parallel", type=int, default=2, help="ranks the experts are split over")
+    ep.add_argument("--single-threads", type=int, default=2, help="torch threads of the single process")
+    ep.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch")
+    ep.add_argument("--grad-accum", type=int, default=2, help="micro-batches per step (a multiple of --nprocs)")
+    ep.add_argument("--steps", type=int, default=6, help="timed optimizer steps per side and round")
+    ep.add_argument("--warmup", type=int, default=2, help="untimed steps first, per side and round")
+    ep.add_argument("--rounds", type=int, default=2, help="rounds of the two sides taking turns")
+    ep.add_argument("--json", type=Path, default=None, help="also write the result here")
+
 
 def _run_bench_layer(args: argparse.Namespace) -> int:
     from workbench.bench.layer import LayerBenchConfig, format_layer_bench, run_layer_bench
@@ -420,6 +504,21 @@ def _run_bench_train(args: argparse.Namespace) -> int:
     results = run_train_bench(presets, steps=args.steps, batch_size=args.batch_size, dense=args.dense)
     print(format_train_bench(results))
     _write_json(args.json, results)
+    return 0
+
+
+def _run_bench_expert_parallel(args: argparse.Namespace) -> int:
+    from workbench.bench.expert_parallel import format_expert_parallel_bench, run_expert_parallel_bench
+
+    try:
+        result = run_expert_parallel_bench(args.preset, nprocs=args.nprocs, expert_parallel=args.expert_parallel,
+                                           single_threads=args.single_threads, batch_size=args.batch_size,
+                                           grad_accum=args.grad_accum, steps=args.steps, warmup=args.warmup,
+                                           rounds=args.rounds, log=lambda line: print(line, flush=True))
+    except ValueError as err:
+        _usage_error("workbench bench expert-parallel", str(err))
+    print(format_expert_parallel_bench(result))
+    _write_json(args.json, result)
     return 0
 
 
@@ -496,7 +595,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"train": _run_train, "show": _run_show, "sweep": _run_sweep}
     if args.command == "bench":
-        run = {"layer": _run_bench_layer, "train": _run_bench_train}[args.bench]
+        run = {"layer": _run_bench_layer, "train": _run_bench_train,
+               "expert-parallel": _run_bench_expert_parallel}[args.bench]
     else:
         run = commands[args.command]
     with _one_line_warnings():
