@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from tests.parallel.conftest import requires_gloo
 from tests.train.conftest import one_line, run_cli
 
 
@@ -44,3 +47,17 @@ def test_bench_expert_parallel_checks_its_flags_first(capsys, monkeypatch, args,
         return
     code, _, err = run_cli(capsys, "bench", "expert-parallel", *args)
     assert code == 2 and needle in one_line(err)
+
+
+@requires_gloo
+def test_bench_expert_parallel_runs_and_writes_json(capsys, tmp_path):
+    """A smoke run (one step per side, tiny batch): the figures are there, not their values."""
+    out = tmp_path / "ep.json"
+    code, stdout, err = run_cli(capsys, "bench", "expert-parallel", "--preset", "tiny", "--batch-size", "1",
+                                "--steps", "1", "--warmup", "0", "--rounds", "1", "--json", str(out))
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert result["single"]["threads"] == 2 and result["expert_parallel"]["processes"] == 2
+    assert result["expert_parallel"]["bytes_moved_per_step"] > 0 and result["ratio"] > 0
+    assert {"cpu", "cores", "torch"} <= set(result["machine"]) and result["date"]
+    assert "tokens/s" in stdout
