@@ -47,7 +47,9 @@ def future_leak(model: MoELM, tokens_BS: torch.Tensor, *, split: int | None = No
     capacity dispatch makes the tokens of the whole batch compete for slots (with position
     priority, a later token's first choice outranks an earlier token's second choice, and the
     tokens of one sequence come before those of the next), a dependence on later tokens of its
-    own; ``dropless=False`` measures the model as it is configured.
+    own; ``dropless=False`` measures the model as it is configured. ``capacity_scope="sequence"``
+    removes that dependence (each sequence has its own slots, claimed in token order), and this
+    function is how the tests show it.
     """
     B, S = tokens_BS.shape
     split = S // 2 if split is None else split
