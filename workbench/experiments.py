@@ -258,7 +258,12 @@ class Results:
         return table
 
     def save(self, folder: str | Path) -> Path:
-        """Write runs.csv, evals.csv, steps.csv.gz and details.json.gz into ``folder``."""
+        """Write runs.csv, evals.csv, steps.csv.gz and details.json.gz into ``folder``.
+
+        The step table is the big one (a row per step), so it leaves out what ``load`` derives
+        again (tokens seen and tokens/s, from each run's tokens per step) and the weighted losses
+        (raw loss x the config's weight), and keeps 5 significant digits.
+        """
         import gzip
         import json
 
@@ -266,7 +271,9 @@ class Results:
         folder.mkdir(parents=True, exist_ok=True)
         self.runs.to_csv(folder / "runs.csv", index=False)
         self.evals.to_csv(folder / "evals.csv", index=False)
-        self.steps.to_csv(folder / "steps.csv.gz", index=False, float_format="%.6g")
+        derived = ["tokens_seen", "tokens_per_s", *(c for c in self.steps.columns if c.startswith("weighted/"))]
+        self.steps.drop(columns=derived, errors="ignore").to_csv(folder / "steps.csv.gz", index=False,
+                                                                  float_format="%.5g")
         details = [{"name": n, "seed": s, **{k: v for k, v in d.items() if k != "steps"}}
                    for (n, s), d in self.details.items()]
         _atomic_write(folder / "details.json.gz", gzip.compress(json.dumps(details).encode()))
@@ -281,8 +288,13 @@ class Results:
         folder = Path(folder)
         details = {(d.pop("name"), d.pop("seed")): d
                    for d in json.loads(gzip.decompress((folder / "details.json.gz").read_bytes()))}
-        return cls(pd.read_csv(folder / "runs.csv"), pd.read_csv(folder / "steps.csv.gz"),
-                   pd.read_csv(folder / "evals.csv"), details)
+        runs = pd.read_csv(folder / "runs.csv")
+        steps = pd.read_csv(folder / "steps.csv.gz", low_memory=False)
+        per_step = (runs["tokens"] / runs["steps"]).set_axis(pd.MultiIndex.from_frame(runs[["name", "seed"]]))
+        tokens_per_step = per_step.reindex(pd.MultiIndex.from_frame(steps[["name", "seed"]])).to_numpy()
+        steps["tokens_seen"] = steps["step"] * tokens_per_step
+        steps["tokens_per_s"] = tokens_per_step / steps["step_time_s"]
+        return cls(runs, steps, pd.read_csv(folder / "evals.csv"), details)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -341,16 +341,25 @@ def collect(model: Any, batches: Iterable[Any], *, domains: Sequence[str] | None
     top_k = moe.num_experts if getattr(model.moe_layers()[0].router, "pads_slots", False) else moe.top_k
     collector = RoutingCollector(model.cfg.moe_layers, moe.num_experts, top_k, model.cfg.vocab_size, domains)
     device = next(model.parameters()).device
+    return stream_routing(model, collector, batches, lambda tokens: _layer_routing(model(tokens.to(device))),
+                          probe_tokens=probe_tokens, max_batches=max_batches)
+
+
+def stream_routing(model: Any, collector: RoutingCollector, batches: Iterable[Any],
+                   route: Callable[[torch.Tensor], Any], *, probe_tokens: torch.Tensor | None = None,
+                   max_batches: int | None = None) -> RoutingCounts:
+    """Count ``route(tokens)`` (the per-layer routing of a (B, S) batch) over ``batches`` and the probe
+    set, with ``model`` in evaluation mode (its mode restored after): the loop that ``collect`` and the
+    Hugging Face collector share."""
     was_training = model.training
     model.eval()
     try:
         for i, (tokens, domain_ids) in enumerate(_batches(batches)):
             if max_batches is not None and i >= max_batches:
                 break
-            out = model(tokens.to(device))
-            collector.add(_layer_routing(out), tokens, domain_ids)
+            collector.add(route(tokens), tokens, domain_ids)
         if probe_tokens is not None:
-            collector.set_probe(_layer_routing(model(probe_tokens.to(device))), probe_tokens)
+            collector.set_probe(route(probe_tokens), probe_tokens)
     finally:
         model.train(was_training)
     return collector.counts()

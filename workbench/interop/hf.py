@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from workbench.analysis.traces import RoutingCollector, RoutingCounts, _batches
+from workbench.analysis.traces import RoutingCollector, RoutingCounts, stream_routing
 from workbench.moe import MoEConfig, MoELayer, build_router
 
 HF_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
@@ -418,20 +418,12 @@ def collect_hf_routing(model: nn.Module, batches: Iterable[Any], *, domains: Seq
                                      config.vocab_size, domains)
         collector.notes.append(f"{config.model_type}: traced through hooks on {len(hooks.layers)} MoE blocks")
         device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        try:
-            for i, (tokens, domain_ids) in enumerate(_batches(batches)):
-                if max_batches is not None and i >= max_batches:
-                    break
-                model(input_ids=tokens.to(device), use_cache=False)
-                collector.add(hooks.routing(), tokens, domain_ids)
-            if probe_tokens is not None:
-                model(input_ids=probe_tokens.to(device), use_cache=False)
-                collector.set_probe(hooks.routing(), probe_tokens)
-        finally:
-            model.train(was_training)
-    return collector.counts()
+
+        def route(tokens: torch.Tensor) -> Any:
+            model(input_ids=tokens.to(device), use_cache=False)
+            return hooks.routing()
+
+        return stream_routing(model, collector, batches, route, probe_tokens=probe_tokens, max_batches=max_batches)
 
 
 def replace_dispatch(layer: MoELayer, dispatch: str, capacity_factor: float | None = None) -> MoELayer:

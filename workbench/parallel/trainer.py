@@ -140,21 +140,8 @@ class ExpertParallelTrainer(Trainer):
             self._diverged(f"loss is {row['loss']}")
         if not math.isfinite(grad_norm):
             self._diverged(f"gradient norm is {grad_norm}")
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        model.finish_optimizer_step()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - t0
-        self.step += 1
-        self._step_times.append(elapsed)
-
-        tokens_per_step = cfg.grad_accum * cfg.batch_size * self.model_cfg.seq_len
-        row.update(step=self.step, lr=lr, grad_norm=grad_norm, step_time_s=elapsed,
-                   tokens_per_s=tokens_per_step / elapsed, tokens_seen=self.step * tokens_per_step)
-        row.update(self._communication_metrics(grad_sync_s, elapsed))
+        row = self._apply_step(row, grad_norm, t0)
+        row.update(self._communication_metrics(grad_sync_s, row["step_time_s"]))
         return row
 
     def _mean_over_ranks(self, row: dict[str, Any]) -> dict[str, Any]:

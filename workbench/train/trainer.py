@@ -276,18 +276,22 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
         if not math.isfinite(grad_norm):
             self._diverged(f"gradient norm is {grad_norm}")
+        return self._apply_step(_mean_rows(micro_rows), grad_norm, t0)
+
+    def _apply_step(self, row: dict[str, Any], grad_norm: float, t0: float) -> dict[str, Any]:
+        """The optimizer and schedule step, the end-of-step hooks (loss-free bias), the step count and
+        time; ``row`` (the step's micro-batch metrics) gains the step's figures and is returned."""
+        cfg = self.cfg
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        model.finish_optimizer_step()
+        self.model.finish_optimizer_step()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
         self.step += 1
         self._step_times.append(elapsed)
-
-        row = _mean_rows(micro_rows)
         tokens_per_step = cfg.grad_accum * cfg.batch_size * self.model_cfg.seq_len
         row.update(step=self.step, lr=lr, grad_norm=grad_norm, step_time_s=elapsed,
                    tokens_per_s=tokens_per_step / elapsed, tokens_seen=self.step * tokens_per_step)
