@@ -1,5 +1,5 @@
 """The ``workbench`` command: ``train``, ``show``, ``sweep``, ``bench layer``, ``bench train``,
-``bench expert-parallel``.
+``bench expert-parallel``, ``bench throughput``, ``bench model``, ``bench devices``.
 
 Every field of ``ModelConfig``, ``MoEConfig`` and ``TrainConfig`` is a ``train`` flag
 (``--num-experts 16``); the defaults shown by ``--help`` are the ``tiny`` preset's.
@@ -474,6 +474,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     ep.add_argument("--rounds", type=int, default=2, help="rounds of the two sides taking turns")
     ep.add_argument("--json", type=Path, default=None, help="also write the result here")
 
+    from workbench.bench.cli import add_parsers  # the throughput lab: throughput, model, devices
+
+    add_parsers(which)
+
 
 def _run_bench_layer(args: argparse.Namespace) -> int:
     from workbench.bench.layer import LayerBenchConfig, format_layer_bench, run_layer_bench
@@ -595,8 +599,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"train": _run_train, "show": _run_show, "sweep": _run_sweep}
     if args.command == "bench":
+        from workbench.bench.cli import RUNNERS as BENCH_RUNNERS
+
         run = {"layer": _run_bench_layer, "train": _run_bench_train,
-               "expert-parallel": _run_bench_expert_parallel}[args.bench]
+               "expert-parallel": _run_bench_expert_parallel, **BENCH_RUNNERS}[args.bench]
     else:
         run = commands[args.command]
     with _one_line_warnings():
