@@ -334,3 +334,25 @@ def test_capacity_runs_record_validation_drops_and_the_dropless_loss(tmp_path):
     assert by.loc["drops", "eval_dropped_fraction"] > 0.3  # C is a quarter of the mean load
     assert by.loc["drops", "dropless_val_loss"] != pytest.approx(by.loc["drops", "val_loss"], abs=1e-4)
     assert math.isnan(by.loc["aux", "eval_dropped_fraction"])  # not a capacity dispatch
+
+
+def test_traced_runs_record_the_validation_routing_and_saturation(tmp_path):
+    exps = two_experiments()[:1]
+    r = run_experiments(exps, seeds=[0], cache_dir=tmp_path, log=None, traces=True)
+    counts = r.routing_counts("aux", 0)
+    final = r.detail("aux", 0)["evals"][-1]
+    # the trainer's own validation counted the same windows: its domain x expert matrix must agree
+    assert counts.domain_expert_LDE.tolist() == final["routing_matrix"]
+    assert counts.domains == final["domains"] and counts.layers == [0, 1]
+    assert counts.tokens == 4 * 1 * 32  # four domains x one window x seq_len
+    sat = r.saturation()
+    assert sorted(sat["step"].unique()) == [2, 3] and set(sat["layer"]) == {0, 1}
+    assert (sat.loc[sat["step"] == 3, "saturation"] == 1.0).all()  # the final routing against itself
+    assert ((sat["baseline"] > 0) & (sat["baseline"] <= 1)).all()
+    # a run cached without traces is not reused for a traced sweep, and vice versa
+    plain = run_experiments(exps, seeds=[0], cache_dir=tmp_path, log=None)
+    assert not plain.runs["cached"].any() and "traces" not in plain.detail("aux", 0)
+    with pytest.raises(ValueError, match="traces=True"):
+        plain.routing_counts("aux", 0)
+    assert plain.saturation().empty
+    assert run_key(exps[0], 0, "v", traces=True) != run_key(exps[0], 0, "v")

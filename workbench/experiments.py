@@ -51,7 +51,7 @@ from workbench.validation import check
 NOT_IN_KEY = ("run_dir", "progress", "wandb_project", "checkpoint_every", "keep_checkpoints")
 
 # The package code a run's result depends on: everything but presentation and tooling. Of this
-# file only what trains and records a run counts (``train_run`` and ``_Recorder``), so a change to
+# file only what trains and records a run counts (``train_run`` and its recorders), so a change to
 # how the tables are built reuses the cache.
 _RESULT_CODE = ("__init__.py", "config.py", "model.py", "runtime.py", "validation.py", "moe", "train", "data")
 
@@ -112,7 +112,7 @@ def code_version(root: Path | None = None) -> str:
             if f.is_file() and f.suffix in (".py", ".cpp"):
                 digest.update(str(f.relative_to(root)).encode())
                 digest.update(f.read_bytes())
-    for obj in (train_run, _Recorder, _capacity_eval):
+    for obj in (train_run, _both, _Recorder, _TraceRecorder, _capacity_eval):
         digest.update(inspect.getsource(obj).encode())
     return digest.hexdigest()[:16]
 
@@ -122,21 +122,23 @@ def _key_configs(experiment: Experiment, seed: int) -> tuple[dict[str, Any], dic
     return experiment.model.to_dict(), train
 
 
-def run_key(experiment: Experiment, seed: int, version: str | None = None) -> str:
-    """The cache key of one run: a hash of its configs (seed included) and the code version."""
+def run_key(experiment: Experiment, seed: int, version: str | None = None, traces: bool = False) -> str:
+    """The cache key of one run: a hash of its configs (seed included), the code version and
+    whether it records routing traces."""
     joblib = _require("joblib")
     model, train = _key_configs(experiment, seed)
-    return joblib.hash((model, train, version or code_version()))
+    return joblib.hash((model, train, version or code_version(), traces))
 
 
 # --- one run ------------------------------------------------------------------------------------
 
 
-def train_run(model: dict[str, Any], train: dict[str, Any], version: str) -> dict[str, Any]:
+def train_run(model: dict[str, Any], train: dict[str, Any], version: str, traces: bool = False) -> dict[str, Any]:
     """Train one run from plain config dicts and return everything the tables need, as plain data.
 
     ``version`` is not read: it is here so that the cache key changes with the code. This is the
-    function ``joblib.Memory`` memoises, so its result must stay picklable and small.
+    function ``joblib.Memory`` memoises, so its result must stay picklable and small. ``traces``:
+    also record routing traces (``_TraceRecorder``) under ``"traces"``.
     """
     from workbench.train.trainer import Trainer
 
@@ -146,8 +148,9 @@ def train_run(model: dict[str, Any], train: dict[str, Any], version: str) -> dic
                                      "checkpoint_every": train["steps"], "keep_checkpoints": 1})
         trainer = Trainer(model_cfg, cfg)
         recorder = _Recorder(trainer)
+        tracer = _TraceRecorder(trainer) if traces else None
         t0 = time.perf_counter()
-        trainer.fit(callback=recorder)
+        trainer.fit(callback=recorder if tracer is None else _both(recorder, tracer))
         wall = time.perf_counter() - t0
     step_times = sorted(row["step_time_s"] for row in trainer.history[min(3, len(trainer.history) - 1):])
     return {
@@ -162,7 +165,15 @@ def train_run(model: dict[str, Any], train: dict[str, Any], version: str) -> dic
         "tokens_per_s": trainer.throughput(),
         "wall_s": wall,
         "threads": torch.get_num_threads(),
+        **({"traces": tracer.result()} if tracer is not None else {}),
     }
+
+
+def _both(*callbacks: Callable[[Any, dict[str, Any]], None]) -> Callable[[Any, dict[str, Any]], None]:
+    def call(trainer: Any, row: dict[str, Any]) -> None:
+        for callback in callbacks:
+            callback(trainer, row)
+    return call
 
 
 class _Recorder:
@@ -191,6 +202,47 @@ class _Recorder:
             self.evals.append({"step": ev.step, "val_loss": ev.loss, "loss_per_domain": dict(ev.loss_per_domain),
                                "domains": list(ev.domains), "routing_matrix": ev.routing_matrix.tolist(),
                                **_capacity_eval(trainer)})
+
+
+class _TraceRecorder:
+    """``Trainer.fit`` callback for the specialization analyses: at every validation it routes a fixed
+    probe set (the first ``PROBE_WINDOWS`` validation windows of every domain, so every domain is in
+    it), for router saturation; at the last one it streams the whole validation set into
+    ``RoutingCounts`` (``workbench.analysis.traces``), each window labelled with its domain.
+
+    ``result()``: ``{"counts": RoutingCounts.to_dict(), "saturation": saturation_curve rows}``,
+    plain data, the size of the counts (not of the tokens)."""
+
+    PROBE_WINDOWS = 2
+
+    def __init__(self, trainer: Any):
+        from workbench.analysis.traces import probe_routing
+
+        self._probe_routing = probe_routing
+        val = trainer.data.val_batches()
+        self.probe = torch.cat([batches[0].tokens[:self.PROBE_WINDOWS] for batches in val.values()])
+        self.probes: list[tuple[int, torch.Tensor]] = []
+        self.counts: dict[str, Any] | None = None
+
+    def __call__(self, trainer: Any, row: dict[str, Any]) -> None:
+        if "val/loss" not in row:
+            return
+        from workbench.analysis.traces import collect
+
+        self.probes.append((trainer.step, self._probe_routing(trainer.model, self.probe)))
+        if trainer.step >= trainer.cfg.steps:
+            data = trainer.data
+            batches = [b for bs in data.val_batches().values() for b in bs]
+            with torch.no_grad(), trainer._autocast():
+                self.counts = collect(trainer.model, batches, domains=list(data.domains)).to_dict()
+
+    def result(self) -> dict[str, Any]:
+        from workbench.analysis.specialization import saturation_curve
+
+        if not self.probes or self.counts is None:
+            return {}
+        E = int(self.counts["num_experts"])
+        return {"counts": self.counts, "saturation": saturation_curve(self.probes, self.counts["layers"], E)}
 
 
 @torch.no_grad()
@@ -251,6 +303,25 @@ class Results:
                            f"{sorted({s for _, s in self.details})}")
         return self.details[(name, seed)]
 
+    def routing_counts(self, name: str, seed: int) -> Any:
+        """The run's ``RoutingCounts`` over the validation set after training (``run_experiments(...,
+        traces=True)``)."""
+        from workbench.analysis.traces import RoutingCounts
+
+        traces = self.detail(name, seed).get("traces")
+        if not traces:
+            raise ValueError(f"run {name!r}, seed {seed} has no routing traces: train it with "
+                             "run_experiments(..., traces=True)")
+        return RoutingCounts.from_dict(traces["counts"])
+
+    def saturation(self) -> Any:
+        """Router saturation of every traced run: one row per (run, validation step, MoE layer) with
+        the top-k overlap with the run's final routing of the probe set and its random baseline."""
+        pd = _require("pandas")
+        rows = [{"name": n, "seed": s, **row} for (n, s), d in self.details.items()
+                for row in (d.get("traces") or {}).get("saturation", [])]
+        return pd.DataFrame(rows)
+
     def summary(self, metrics: Sequence[str] = ("val_loss", "max_vio_global", "max_vio_batch"),
                 by: str = "name") -> Any:
         """Mean and standard deviation over seeds of each metric, one row per experiment."""
@@ -305,12 +376,15 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def run_experiments(experiments: Iterable[Experiment], seeds: Sequence[int] = (0,), *,
                     cache_dir: str | Path = "runs/cache", jobs: int = 1,
-                    log: Callable[[str], None] | None = print) -> Results:
+                    log: Callable[[str], None] | None = print, traces: bool = False) -> Results:
     """Train every experiment at every seed (its own ``seeds`` if it has them), or take the run
     from the cache, and tabulate the results.
 
     ``jobs``: runs trained at once, in worker processes that share the CPU threads equally
     (1: in this process, with its thread setting). ``log``: where progress lines go (None: nowhere).
+    ``traces``: also record each run's routing traces over the validation set and router
+    saturation over training (``Results.routing_counts``, ``Results.saturation``); a run cached
+    without them trains again.
     """
     joblib = _require("joblib")
     experiments = list(experiments)
@@ -326,7 +400,7 @@ def run_experiments(experiments: Iterable[Experiment], seeds: Sequence[int] = (0
     cached_train = memory.cache(train_run)
     version = code_version()
     specs = [(e, s) for e in experiments for s in (e.seeds or seeds)]
-    args = [(*_key_configs(e, s), version) for e, s in specs]
+    args = [(*_key_configs(e, s), version, traces) for e, s in specs]
     records: list[dict[str, Any] | None] = [None] * len(specs)
     todo = []
     for i, ((e, s), a) in enumerate(zip(specs, args, strict=True)):
