@@ -218,3 +218,76 @@ def test_pickers_draw_nothing_when_built_and_draw_each_change():
     experts.value = 4
     router.value = "a"
     assert shown == [("b", 4, 2), ("a", 4, 2)]
+
+
+# --- the specialization lab's figures --------------------------------------------------------------
+
+
+def test_ratio_heatmap_is_log2_of_observed_over_random():
+    p = torch.tensor([[0.5, 0.25, 0.25, 0.0]])
+    base = torch.tensor([[0.25, 0.25, 0.25, 0.25]])
+    fig = viz.plot_ratio_heatmap(p, base, row_labels=["d"])
+    image = next(a for a in fig.axes[0].get_children() if isinstance(a, AxesImage)).get_array()
+    assert image[0, :3].tolist() == pytest.approx([1.0, 0.0, 0.0])
+    assert image[0, 3] < -3  # an unused cell is clipped far below chance
+
+
+def _frame():
+    import pandas as pd
+
+    rows = []
+    for name, shift in (("A", 0.0), ("B", 0.1)):
+        for seed in (0, 1):
+            for layer in (0, 1):
+                rows.append({"name": name, "seed": seed, "layer": layer, "domain_nmi": 0.2 + shift + 0.01 * seed,
+                             "domain_nmi_baseline": 0.01, "vocab/letters": 0.5 + shift, "vocab/letters_baseline": 0.3})
+    return pd.DataFrame(rows)
+
+
+def test_scores_by_layer_draw_the_seed_mean_per_layer_and_the_baseline_ticks():
+    fig = viz.plot_scores_by_layer(_frame(), "domain_nmi")
+    bars = [p for p in fig.axes[0].patches if isinstance(p, Rectangle)]
+    assert sorted(round(b.get_height(), 4) for b in bars) == [0.205, 0.205, 0.305, 0.305]
+    ticks = fig.axes[0].collections
+    assert any(c.get_segments() and c.get_segments()[0][0][1] == pytest.approx(0.01) for c in ticks)
+
+
+def test_paired_seeds_join_each_seed_across_runs():
+    frame = _frame().groupby(["name", "seed"])[["domain_nmi"]].mean().reset_index()
+    fig = viz.plot_paired_seeds(frame, "domain_nmi", ["A", "B"])
+    lines = [line for line in fig.axes[0].lines if line.get_label().startswith("seed")]
+    assert [line.get_ydata().tolist() for line in lines] == [pytest.approx([0.2, 0.3]), pytest.approx([0.21, 0.31])]
+
+
+def test_class_scores_have_one_bar_per_run_and_class():
+    fig = viz.plot_class_scores(_frame(), ["A", "B"], ["letters"])
+    heights = sorted(round(p.get_height(), 4) for p in fig.axes[0].patches if isinstance(p, Rectangle))
+    assert heights == [0.5, 0.6]
+
+
+def test_specialization_panel_draws_a_traced_run(tmp_path):
+    from workbench.experiments import Experiment, run_experiments
+    from workbench.train.config import TrainConfig
+
+    model = viz_tiny_model()
+    train = TrainConfig(steps=2, batch_size=2, eval_every=1, eval_windows=1, max_bytes_per_domain=200_000,
+                        progress=False)
+    results = run_experiments([Experiment(name="r", model=model, train=train)], seeds=[0], cache_dir=tmp_path,
+                              log=None, traces=True)
+    fig = viz.plot_specialization_panel(results, "r", 0, 1, "code", 1)
+    assert len(fig.axes) >= 4
+    sat = fig.axes[-1] if fig.axes[-1].lines else fig.axes[3]
+    assert any(line.get_xdata().tolist() == [1, 2] for line in sat.lines)  # saturation at both validations
+    with pytest.raises(ValueError, match="step"):
+        viz.plot_specialization_panel(results, "r", 0, 1, "code", 7)
+    with pytest.raises(ValueError, match="domain"):
+        viz.plot_specialization_panel(results, "r", 0, 1, "poetry", 1)
+    pytest.importorskip("ipywidgets")
+    panel = viz.specialization_panel(results)
+    assert [c.description for c in panel.children[0].children] == ["run", "seed", "layer", "domain", "checkpoint"]
+
+
+def viz_tiny_model():
+    from workbench.config import preset
+
+    return preset("tiny", expert_hidden=16).replace(seq_len=32, d_model=32, n_layers=2, n_heads=2, dense_hidden=32)

@@ -498,3 +498,181 @@ def plot_capacity_tradeoff(runs: Any, metrics: Sequence[tuple[str, str]] = (
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+# --- expert specialization (notebooks/03_expert_specialization.ipynb) -----------------------------
+
+
+def _log2_ratio(p: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
+    """log2(p / baseline), 0 where random routing with the same load would put it; NaN where the
+    baseline is 0 or undefined, and clipped where p is 0 (so a never-used cell shows as deep blue)."""
+    p, b = p.double(), baseline.double()
+    out = torch.log2(p.clamp(min=1e-4) / b)
+    return out.masked_fill(~(b > 0), float("nan"))
+
+
+def plot_ratio_heatmap(p_RC: torch.Tensor, baseline_RC: torch.Tensor, ax=None, title: str = "",
+                       row_labels: Sequence[str] | None = None, xlabel: str = "expert", ylabel: str = "",
+                       limit: float = 3.0):
+    """log2 of an observed share over the share random routing with the same load would give
+    (``p_RC`` / ``baseline_RC``, broadcast): red above chance, blue below, white at chance.
+    ``limit``: the colour scale spans -limit..+limit (x 1/2^limit .. x 2^limit)."""
+    fig, ax = _axes(ax, figsize=(6, 3))
+    ratio = _log2_ratio(p_RC, baseline_RC.expand_as(p_RC))
+    im = ax.imshow(ratio.numpy(), aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
+    if row_labels is not None:
+        ax.set_yticks(range(len(row_labels)), list(row_labels), fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    bar.set_label("log2(observed / random)", fontsize=8)
+    return fig
+
+
+def plot_scores_by_layer(frame: Any, metric: str, names: Sequence[str] | None = None, ax=None, title: str = "",
+                         ylabel: str = ""):
+    """A metric per MoE layer, one group of bars per layer and one bar per experiment (mean over
+    seeds, error bar from the lowest to the highest seed), each with its random-routing baseline
+    (``<metric>_baseline``) as a black tick on the bar."""
+    fig, ax = _axes(ax, figsize=(7, 3))
+    names = list(dict.fromkeys(frame["name"])) if names is None else list(names)
+    layers = sorted(frame["layer"].unique())
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        rows = frame[frame["name"] == name].groupby("layer")
+        mean, lo, hi = rows[metric].mean(), rows[metric].min(), rows[metric].max()
+        base = rows[f"{metric}_baseline"].mean()
+        xs = [layers.index(layer) - 0.4 + width * (i + 0.5) for layer in mean.index]
+        ax.bar(xs, mean.tolist(), width, label=name)
+        # the seed range as its own errorbar: bar(yerr=) warns for a single bar (matplotlib 3.10)
+        ax.errorbar(xs, mean.tolist(), yerr=[(mean - lo).tolist(), (hi - mean).tolist()], fmt="none",
+                    ecolor="0.35", elinewidth=0.8, capsize=2)
+        ax.hlines(base.values, [x - width / 2 for x in xs], [x + width / 2 for x in xs], colors="black", lw=1.5)
+    ax.set_xticks(range(len(layers)), [f"layer {layer}" for layer in layers])
+    ax.set_ylabel(ylabel or metric)
+    ax.set_title(title or f"{metric} (black: random routing with the same load)", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+def plot_paired_seeds(scores: Any, metric: str, names: Sequence[str], ax=None, title: str = "", ylabel: str = ""):
+    """One column per experiment, a dot per seed joined by a line to the same seed in the next
+    column (the comparison is paired over seeds), and the mean as a black bar."""
+    fig, ax = _axes(ax, figsize=(max(4, 1.6 * len(names)), 3))
+    table = scores[scores["name"].isin(names)].pivot_table(index="seed", columns="name", values=metric)
+    table = table[[n for n in names if n in table.columns]]
+    xs = list(range(table.shape[1]))
+    for seed, row in table.iterrows():
+        ax.plot(xs, row.values, "-o", ms=4, lw=0.8, alpha=0.7, label=f"seed {seed}")
+    ax.hlines(table.mean().values, [x - 0.2 for x in xs], [x + 0.2 for x in xs], colors="black", lw=2)
+    ax.set_xticks(xs, list(table.columns), rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel or metric)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=6, ncol=2)
+    return fig
+
+
+def plot_saturation(saturation: Any, names: Sequence[str] | None = None, layer: int | None = None, ax=None,
+                    title: str = "", mark_step: int | None = None):
+    """Router saturation against training step, one line per experiment (mean over seeds and, when
+    ``layer`` is None, over MoE layers), its random baseline dashed in the same colour."""
+    fig, ax = _axes(ax, figsize=(6, 3))
+    names = list(dict.fromkeys(saturation["name"])) if names is None else list(names)
+    rows = saturation if layer is None else saturation[saturation["layer"] == layer]
+    for name in names:
+        by_step = rows[rows["name"] == name].groupby("step")[["saturation", "baseline"]].mean()
+        line = ax.plot(by_step.index, by_step["saturation"], "-o", ms=3, label=name)[0]
+        ax.plot(by_step.index, by_step["baseline"], "--", color=line.get_color(), lw=0.8)
+    if mark_step is not None:
+        ax.axvline(mark_step, color="grey", lw=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("top-k overlap with final")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title or f"router saturation, {'mean over layers' if layer is None else f'layer {layer}'} "
+                 "(dashed: random)", fontsize=10)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def plot_class_scores(frame: Any, names: Sequence[str], classes: Sequence[str], layer: int | None = None, ax=None,
+                      title: str = ""):
+    """Vocabulary specialization per byte class (``vocab/<class>`` columns), one bar per experiment
+    (mean over seeds and, when ``layer`` is None, layers), its random baseline as a black tick."""
+    rows = frame if layer is None else frame[frame["layer"] == layer]
+    long = []
+    for c in classes:
+        for name in names:
+            sel = rows[rows["name"] == name]
+            long.append({"name": name, "layer": c, "score": sel[f"vocab/{c}"].mean(),
+                         "score_baseline": sel[f"vocab/{c}_baseline"].mean()})
+    import pandas as pd
+
+    table = pd.DataFrame(long)
+    fig = plot_scores_by_layer(table.assign(layer=table["layer"].map(list(classes).index)), "score", names, ax=ax,
+                               title=title or "vocabulary specialization per byte class (black: random)",
+                               ylabel="share to the most used expert")
+    fig.axes[0].set_xticks(range(len(classes)), list(classes), fontsize=8)
+    return fig
+
+
+def plot_specialization_panel(results: Any, name: str, seed: int, layer: int, domain: str, step: int):
+    """One traced run (``workbench.experiments.Results`` with traces) in four views: (a) domain x
+    expert at validation ``step`` against the overall load, (b) ``domain``'s expert shares against
+    that load, (c) co-activation P(b | a) after training against random routing with the same
+    load, (d) router saturation of ``layer`` over training with ``step`` marked."""
+    from workbench.analysis.specialization import coactivation, domain_specialization_nmi
+
+    plt = _plt()
+    detail = results.detail(name, seed)
+    counts = results.routing_counts(name, seed)
+    li = counts.index(layer)
+    ev = next((e for e in detail["evals"] if e["step"] == step), None)
+    if ev is None:
+        raise ValueError(f"step={step!r} is invalid: validations of this run are at steps "
+                         f"{[e['step'] for e in detail['evals']]}")
+    domains = list(ev["domains"])
+    if domain not in domains:
+        raise ValueError(f"domain={domain!r} is invalid: choose one of {domains}")
+    dom = domain_specialization_nmi(torch.tensor(ev["routing_matrix"][li], dtype=torch.long))
+    fig, axes = plt.subplots(2, 2, figsize=(11, 6))
+    plot_ratio_heatmap(dom.p_expert_given_domain_DE, dom.load_E.unsqueeze(0), ax=axes[0, 0], row_labels=domains,
+                       title=f"(a) P(expert | domain) / P(expert), step {step}: NMI {dom.score:.3f} "
+                             f"(random {dom.baseline:.4f})")
+    d = domains.index(domain)
+    E = dom.load_E.numel()
+    axes[0, 1].bar(range(E), dom.p_expert_given_domain_DE[d].numpy(), label=f"P(e | {domain})")
+    axes[0, 1].step(range(E), dom.load_E.numpy(), where="mid", color="black", lw=1, label="P(e): random, same load")
+    axes[0, 1].set_xlabel("expert")
+    axes[0, 1].set_title(f"(b) {domain}: share of assignments per expert, step {step}", fontsize=10)
+    axes[0, 1].legend(fontsize=7)
+    co = coactivation(counts.coactivation_LEE[li], max(counts.tokens, 1))
+    plot_ratio_heatmap(co.p_b_given_a_EE, co.baseline_EE, ax=axes[1, 0], xlabel="expert b", ylabel="expert a",
+                       title=f"(c) co-activation P(b | a) / random, after training: {co.score:.3f} (random "
+                             f"{co.baseline:.3f})")
+    sat = results.saturation()
+    plot_saturation(sat[(sat["name"] == name) & (sat["seed"] == seed)], [name], layer=layer, ax=axes[1, 1],
+                    mark_step=step, title=f"(d) router saturation, layer {layer} (dashed: random)")
+    fig.suptitle(f"{name}, seed {seed}, layer {layer}", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def specialization_panel(results: Any, names: Sequence[str] | None = None):
+    """Dropdowns for run, seed, layer and domain and a slider over the validation steps, drawing
+    ``plot_specialization_panel`` below them when one changes (call that once directly for the
+    first view, as ``redraw_on_change`` explains)."""
+    widgets = _widgets()
+    traced = [key for key, d in results.details.items() if d.get("traces")]
+    names = list(dict.fromkeys(n for n, _ in traced)) if names is None else list(names)
+    first = results.detail(*traced[0])
+    counts = results.routing_counts(*traced[0])
+    steps = [e["step"] for e in first["evals"]]
+    controls = {
+        "name": widgets.Dropdown(options=names, value=names[0], description="run"),
+        "seed": widgets.Dropdown(options=sorted({s for n, s in traced if n == names[0]}), description="seed"),
+        "layer": widgets.Dropdown(options=counts.layers, value=counts.layers[-1], description="layer"),
+        "domain": widgets.Dropdown(options=counts.domains, description="domain"),
+        "step": widgets.SelectionSlider(options=steps, value=steps[-1], description="checkpoint"),
+    }
+    return redraw_on_change(lambda **v: plot_specialization_panel(results, **v), controls)
