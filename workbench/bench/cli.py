@@ -47,7 +47,7 @@ def add_parsers(which: argparse._SubParsersAction) -> None:
     tp.add_argument("--device", default="cpu", help="cpu, cuda[:N] or npu[:N]")
     tp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="parameter dtype")
     tp.add_argument("--no-mindspore", action="store_true", help="skip the MindSpore measurements")
-    tp.add_argument("--mindspore-mode", default="pynative", choices=["pynative", "graph"], help="MindSpore mode")
+    tp.add_argument("--mindspore-mode", default="graph", choices=["pynative", "graph"], help="MindSpore mode")
     tp.add_argument("--smoke", action="store_true", help="tiny sizes and 2 repeats: checks the pipeline in seconds")
     tp.add_argument("--json", type=Path, default=None, help="write the results here")
     tp.add_argument("--figure", type=Path, default=None, help="write the figure here (default: the JSON path, .png)")

@@ -343,12 +343,14 @@ def measure_torch_layer(case: LayerCase, *, device: str = "cpu", dtype: str = "f
     return record
 
 
-def measure_torch_model(preset_name: str, *, batch_size: int, backward: bool = True, device: str = "cpu",
-                        dtype: str = "float32", repeats: int = 5, warmup: int = 2, seed: int = 0,
+def measure_torch_model(preset_name: str, *, batch_size: int, backward: bool = True, optimizer: bool = False,
+                        device: str = "cpu", dtype: str = "float32", repeats: int = 5, warmup: int = 2, seed: int = 0,
                         routing: str = "learned", matmul_peak_flops: float | None = None,
                         datasheet_peak_flops: float | None = None) -> dict[str, Any]:
     """Time the whole model of a preset (PyTorch) on random tokens: forward (no autograd) or forward +
-    backward of the loss (no optimizer step, which the analytic model leaves out too)."""
+    backward of the loss (no optimizer step, which the analytic model leaves out too); with
+    ``optimizer``, the trainer's whole step (backward, global-norm clipping, AdamW), as MindSpore's
+    ``measure_train_step`` times it."""
     from workbench.config import preset
     from workbench.model import MoELM
 
@@ -360,9 +362,21 @@ def measure_torch_model(preset_name: str, *, batch_size: int, backward: bool = T
     model = MoELM(cfg).to(dev, _torch_dtype(dtype))
     tokens = torch.randint(0, cfg.vocab_size, (batch_size, cfg.seq_len + 1), device=dev)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    check(backward or not optimizer, "optimizer", "needs backward=True", optimizer)
+    if optimizer:
+        from workbench.train import TrainConfig
+        from workbench.train.trainer import build_optimizer
+
+        train_cfg = TrainConfig()
+        opt = build_optimizer(model, train_cfg)
 
     def step():
-        if backward:
+        if optimizer:
+            model(inputs, targets).loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        elif backward:
             model(inputs, targets).loss.backward()  # loss = LM loss + weighted balancing losses
             model.zero_grad(set_to_none=True)
         else:
@@ -374,7 +388,8 @@ def measure_torch_model(preset_name: str, *, batch_size: int, backward: bool = T
     n = batch_size * cfg.seq_len
     flops = cfg.flops_per_token() * n * (1 if backward else 1 / 3)
     return {"backend": f"torch-{dev.type}", "kind": "model", "preset": preset_name, "batch_size": batch_size,
-            "seq_len": cfg.seq_len, "backward": backward, "routing": routing, "dtype": dtype, "device": str(dev),
+            "seq_len": cfg.seq_len, "backward": backward, "optimizer_step_included": optimizer, "routing": routing,
+            "dtype": dtype, "device": str(dev),
             **summarize(times, tokens=n, flops_per_step=flops, matmul_peak_flops=matmul_peak_flops,
                         datasheet_peak_flops=datasheet_peak_flops),
             "peak_memory_bytes": mem.bytes, "peak_memory_how": mem.how}
@@ -403,6 +418,7 @@ def measure_mindspore(kind: str, *, preset_name: str = "small", batch_size: int 
         tokens, flops, extra = raw.get("tokens", case.tokens), case.flops(), asdict(case)
     return {"backend": "mindspore", "kind": kind, "available": True, **extra, "mode": raw.get("mode", mode),
             "device": raw.get("device"), "mindspore_version": raw.get("mindspore_version"), "dtype": "float32",
+            "routing": "learned",
             **summarize(raw["step_s"], tokens=tokens, flops_per_step=flops, matmul_peak_flops=matmul_peak_flops),
             "peak_memory_bytes": raw.get("peak_memory_bytes"), "peak_memory_how": raw.get("peak_memory_how")}
 
@@ -421,7 +437,8 @@ class ThroughputConfig:
     presets: tuple[str, ...] = ("tiny", "small")
     model_batch_size: int = 8
     mindspore: bool = True
-    mindspore_mode: str = "pynative"
+    mindspore_mode: str = "graph"  # GRAPH compiles during the warm-up steps
+    mindspore_presets: tuple[str, ...] | None = None  # whole models timed in MindSpore; None: ``presets``
     device: str = "cpu"
     dtype: str = "float32"
     repeats: int = 10
@@ -523,10 +540,13 @@ def run_throughput(cfg: ThroughputConfig, log: Callable[[str], Any] = print) -> 
         for backward in (False, True):
             add(measure_torch_model(name, batch_size=cfg.model_batch_size, backward=backward, **kw),
                 f"model {name} {'fwd+bwd' if backward else 'fwd'}")
-    if cfg.mindspore:
+    if cfg.mindspore:  # PyTorch's whole training step beside MindSpore's, which includes the optimizer
+        for name in cfg.presets if cfg.mindspore_presets is None else cfg.mindspore_presets:
+            add(measure_torch_model(name, batch_size=cfg.model_batch_size, optimizer=True, **kw),
+                f"model {name} train step")
         ms_kw = dict(mode=cfg.mindspore_mode, repeats=cfg.repeats, warmup=cfg.warmup, matmul_peak_flops=peak)
         add(measure_mindspore("layer", case=replace(cfg.base, backward=True), **ms_kw), "mindspore layer fwd+bwd")
-        for name in cfg.presets:
+        for name in cfg.presets if cfg.mindspore_presets is None else cfg.mindspore_presets:
             add(measure_mindspore("model", preset_name=name, batch_size=cfg.model_batch_size, **ms_kw),
                 f"mindspore model {name} train step")
     return {"benchmark": "throughput", "environment": env, "backends": [asdict(b) for b in backends],
@@ -567,14 +587,15 @@ def load_results(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
 
 
 def records_table(results: Iterable[dict[str, Any]]):
-    """One pandas row per record of every result, with its device and date."""
+    """One pandas row per record of every result, with the machine (GPU name, or this machine's CPU)
+    and the date it was measured on."""
     import pandas as pd
 
     rows = []
     for res in results:
         env = res["environment"]
-        device = env.get("cuda_device") or res["this_machine"].get("name") or env.get("cpu")
+        machine = env.get("cuda_device") or res["this_machine"].get("name") or env.get("cpu")
         for r in res["records"]:
             if r.get("available", True):
-                rows.append({"device": device, "date": env["date"][:10], "file": res.get("path"), **r})
+                rows.append({**r, "machine": machine, "date": env["date"][:10], "file": res.get("path")})
     return pd.DataFrame(rows)
