@@ -9,6 +9,7 @@ import json
 import statistics
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,3 +161,12 @@ def test_cli_throughput_smoke_writes_json_and_figure(tmp_path):
     data = json.loads(out.read_text())
     assert data["benchmark"] == "throughput" and data["environment"]["git_commit"] != ""
     assert out.with_suffix(".png").exists()
+
+
+def test_all_to_all_bytes_against_the_committed_expert_parallel_benchmark():
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "expert-parallel-cpu2-run1.json"
+    check = harness.expert_parallel_check(json.loads(path.read_text()))
+    # 2 ranks x 1 micro-batch of 16 x 256 tokens x 6 MoE layers x 4 exchanges x (2 x 256 fp32 values per
+    # token) x half of them off-rank
+    assert check["predicted_bytes"] == 2 * 1 * 6 * 4 * 4096 * 2 * 256 * 4 * 0.5
+    assert check["error"] == pytest.approx(check["predicted_bytes"] / check["measured_bytes"] - 1)

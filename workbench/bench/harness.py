@@ -554,6 +554,25 @@ def run_throughput(cfg: ThroughputConfig, log: Callable[[str], Any] = print) -> 
             "config": {**asdict(cfg), "base": asdict(cfg.base)}, "records": records}
 
 
+def expert_parallel_check(result: dict[str, Any]) -> dict[str, Any]:
+    """The model's all-to-all bytes against a ``workbench bench expert-parallel`` result: every rank
+    sends ``4 T k D b (1 - 1/P)`` per MoE layer and micro-batch (fp32 on CPU), balanced routing assumed;
+    the measurement's routing is learned, so its off-rank share differs a little from ``1 - 1/P``."""
+    from workbench.config import preset
+
+    cfg = preset(result["preset"])
+    par = result["expert_parallel"]
+    shp = perfmodel.shape_from_model_config(cfg, result["preset"])
+    micro_per_rank = result["grad_accum"] // par["processes"]
+    per_micro = perfmodel.all_to_all_bytes(result["batch_size"] * cfg.seq_len, shp.top_k, cfg.d_model,
+                                           par["expert_parallel"], dtype_bytes=4)
+    predicted = par["processes"] * micro_per_rank * shp.n_moe_layers * per_micro
+    measured = par["bytes_moved_per_step"]
+    return {"preset": result["preset"], "expert_parallel": par["expert_parallel"], "date": result["date"],
+            "measured_bytes": measured, "predicted_bytes": predicted,
+            "error": perfmodel.relative_error(predicted, measured)}
+
+
 def format_throughput(results: dict[str, Any]) -> str:
     """A table of the records: measured median, model, error, tokens/s, MFU, peak memory."""
     m = results["this_machine"]
