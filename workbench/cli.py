@@ -477,6 +477,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     from workbench.bench.cli import add_parsers  # the throughput lab: throughput, model, devices
 
     add_parsers(which)
+    from workbench.ms import cli as ms_cli  # MindSpore is imported only when the command runs
+
+    ms_cli.add_bench(which)
 
 
 def _run_bench_layer(args: argparse.Namespace) -> int:
@@ -592,17 +595,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_show(sub)
     _add_sweep(sub)
     _add_bench(sub)
+    from workbench.ms import cli as ms_cli
+
+    ms_cli.add_parity(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"train": _run_train, "show": _run_show, "sweep": _run_sweep}
+    from workbench.ms import cli as ms_cli
+
+    commands = {"train": _run_train, "show": _run_show, "sweep": _run_sweep, "parity": ms_cli.run_parity}
     if args.command == "bench":
         from workbench.bench.cli import RUNNERS as BENCH_RUNNERS
 
         run = {"layer": _run_bench_layer, "train": _run_bench_train,
-               "expert-parallel": _run_bench_expert_parallel, **BENCH_RUNNERS}[args.bench]
+               "expert-parallel": _run_bench_expert_parallel, **BENCH_RUNNERS,
+               "mindspore": ms_cli.run_bench}[args.bench]
     else:
         run = commands[args.command]
     with _one_line_warnings():

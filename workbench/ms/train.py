@@ -22,7 +22,9 @@ which divides by max(norm, max_norm) where torch divides by norm + 1e-6: with th
 trajectories would differ by design, not by rounding.
 
 ``mode="graph"`` compiles the whole step (forward, backward, clipping, update) with ``mindspore.jit``
-once; ``"pynative"`` runs it op by op. Not supported (refused by name): ``grad_accum > 1``,
+once; ``"pynative"`` runs the forward and backward op by op and the clipping and update compiled
+(as MindSpore's own optimizers run in PyNative: their ``construct`` is decorated with ``jit``).
+Not supported (refused by name): ``grad_accum > 1``,
 ``autocast="bf16"``, and what ``workbench.ms.model.check_supported`` refuses.
 """
 
@@ -128,14 +130,29 @@ class TrainStep:
             return loss, lm_loss, aux_loss, routing
 
         grad_fn = ms.value_and_grad(forward, None, self.optimizer.params, has_aux=True)
+        optimizer = self.optimizer
+
+        def update(grads, lr):
+            grads, norm = clip_by_global_norm(grads, max_norm)
+            optimizer(grads, lr)
+            return norm
 
         def step(tokens, targets, lr):
             (loss, lm_loss, aux_loss, routing), grads = grad_fn(tokens, targets)
-            grads, norm = clip_by_global_norm(grads, max_norm)
-            self.optimizer(grads, lr)
-            return loss, lm_loss, aux_loss, norm, routing
+            return loss, lm_loss, aux_loss, update(grads, lr), routing
 
-        self._step = ms.jit(step) if mode == "graph" else step
+        if mode == "graph":
+            self._step = ms.jit(step)
+        else:
+            # Forward and backward op by op; the update compiled, as MindSpore's own optimizers
+            # (``nn.Adam`` and the others decorate their ``construct`` with ``jit``) run in PyNative.
+            compiled_update = ms.jit(update)
+
+            def pynative_step(tokens, targets, lr):
+                (loss, lm_loss, aux_loss, routing), grads = grad_fn(tokens, targets)
+                return loss, lm_loss, aux_loss, compiled_update(grads, lr), routing
+
+            self._step = pynative_step
 
     def __call__(self, tokens: Tensor, targets: Tensor, lr: float):
         return self._step(tokens, targets, Tensor(lr, ms.float32))
