@@ -99,7 +99,10 @@ def run_parity(args: argparse.Namespace) -> int:
 def run_bench(args: argparse.Namespace) -> int:
     prog = "workbench bench mindspore"
     try:
+        from workbench.ms._import import require_mindspore
         from workbench.ms.bench import format_mindspore_bench, run_mindspore_bench
+
+        require_mindspore()
     except ImportError as err:
         return _fail(prog, str(err))
     try:

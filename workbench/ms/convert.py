@@ -100,7 +100,8 @@ def load_numpy_state(model: MSMoELM, state: dict[str, np.ndarray]) -> MSMoELM:
         if tuple(value.shape) != tuple(params[name].shape):
             raise ValueError(f"weights: tensor {key!r} has shape {tuple(value.shape)}, the model's "
                              f"{name!r} has {tuple(params[name].shape)}")
-        params[name].set_data(ms.Tensor(value))
+        # in place, so that graphs compiled before the load (GRAPH mode) read the new weights
+        ms.ops.assign(params[name], ms.Tensor(value))
     return model
 
 

@@ -511,7 +511,7 @@ def _end_to_end(rec: _Recorder, cfg: ModelConfig, tm: torch.nn.Module, mm: msm.M
 
     # the optimizer alone: both start from the same weights and take the PyTorch gradients
     for p in params_m:
-        p.set_data(Tensor(before_m[p.name]))
+        ops.assign(p, Tensor(before_m[p.name]))
     adamw_step(tuple(Tensor(torch_grads[torch_name(p.name)].numpy()) for p in params_m))
     upd_m = np.concatenate([(p.asnumpy() - before_m[p.name]).ravel() for p in params_m])
     upd_t = np.concatenate([(named_t[torch_name(p.name)].detach() - before[torch_name(p.name)]).numpy().ravel()

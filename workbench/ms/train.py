@@ -283,7 +283,7 @@ class MSTrainer:
             if load.sum() > 0:
                 new = update_router_bias(router.bias.asnumpy(), load, m.bias_update_rate, m.bias_recenter,
                                          m.bias_update_rule)
-                router.bias.set_data(Tensor(new))
+                ops.assign(router.bias, Tensor(new))  # in place: a compiled step keeps reading this memory
 
     def evaluate(self) -> dict[str, float | None]:
         """Validation loss over every validation token and per domain (``val/...`` keys), forward in PyNative."""
