@@ -137,7 +137,7 @@ def test_a_smoke_run_is_json_ready_and_loads_back(tmp_path):
     loaded = harness.load_results(sorted(tmp_path.glob("*.json")))
     assert len(loaded) == 1
     df = harness.records_table(loaded)
-    # 2 layer passes + 4 top-k points + tiny forward and forward + backward
+    # 2 layer passes + 4 top-k points + tiny forward and (uniform routing) forward + backward
     assert len(df) == 2 + 4 + 2
     assert (df["model_error"] == (df["model_step_s"] - df["step_s_median"]) / df["step_s_median"]).all()
 

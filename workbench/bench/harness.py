@@ -538,8 +538,9 @@ def run_throughput(cfg: ThroughputConfig, log: Callable[[str], Any] = print) -> 
                      f" cf={case.capacity_factor}")
     for name in cfg.presets:
         for backward in (False, True):
-            add(measure_torch_model(name, batch_size=cfg.model_batch_size, backward=backward, **kw),
-                f"model {name} {'fwd+bwd' if backward else 'fwd'}")
+            for routing in cfg.routings if backward else ("learned",):
+                add(measure_torch_model(name, batch_size=cfg.model_batch_size, backward=backward, routing=routing,
+                                        **kw), f"model {name} {'fwd+bwd' if backward else 'fwd'} {routing}")
     if cfg.mindspore:  # PyTorch's whole training step beside MindSpore's, which includes the optimizer
         for name in cfg.presets if cfg.mindspore_presets is None else cfg.mindspore_presets:
             add(measure_torch_model(name, batch_size=cfg.model_batch_size, optimizer=True, **kw),
