@@ -14,12 +14,12 @@ from workbench.config import preset  # noqa: E402
 from workbench.ms.train import MSTrainer  # noqa: E402
 from workbench.train import TrainConfig, Trainer  # noqa: E402
 
-STEPS = 4
+STEPS = 3
 
 
 def train_cfg(run_dir, **over):
-    # warmup 2 of 4 steps: both the linear warmup and the cosine decay are taken
-    return TrainConfig(**{"steps": STEPS, "batch_size": 2, "warmup_steps": 2, "eval_every": STEPS, "eval_windows": 1,
+    # warmup 1 of 3 steps: both the linear warmup and the cosine decay are taken
+    return TrainConfig(**{"steps": STEPS, "batch_size": 2, "warmup_steps": 1, "eval_every": STEPS, "eval_windows": 1,
                           "progress": False, "device": "cpu", "run_dir": str(run_dir),
                           "max_bytes_per_domain": 20_000, **over})
 

@@ -15,11 +15,13 @@ so asynchronous devices are timed whole. GRAPH mode compiles during the warmup s
 ``run_mindspore_bench`` times the ``tiny`` preset's training step in MindSpore GRAPH, MindSpore
 PyNative and PyTorch eager (``workbench.train.Trainer.train_step``'s work: forward, backward,
 clipping, fused AdamW, schedule), the three taking turns ``steps`` at a time for ``rounds`` rounds,
-so a busy spell of a shared machine slows all three; ratios are medians over rounds.
+so a busy spell of a shared machine slows all three; ratios are medians over rounds. Each side runs
+in its own process, so the frameworks' CPU thread pools never compete with each other.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -193,15 +195,42 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def _side_runner(side: str, preset_name: str, batch_size: int) -> Callable[[], float]:
+    from workbench.config import preset
+
+    model_cfg = preset(preset_name)
+    if side == "torch":
+        return _torch_step_runner(model_cfg, batch_size, 0)
+    return train_step_runner(model_cfg, batch_size, side.removeprefix("mindspore_"), 0)
+
+
+def _worker(conn, side: str, preset_name: str, batch_size: int) -> None:
+    """One side of the benchmark in its own process: build the step, then time ``n`` steps per request."""
+    try:
+        run = _side_runner(side, preset_name, batch_size)
+        conn.send(("ready", None))
+        while True:
+            n = conn.recv()
+            if n is None:
+                return
+            conn.send(("times", _timed(run, n, 0)))
+    except Exception as err:  # reported by the parent, with the side's name
+        conn.send(("error", f"{type(err).__name__}: {err}"))
+
+
 def run_mindspore_bench(preset_name: str = "tiny", batch_size: int = 16, steps: int = 5, warmup: int = 3,
                         rounds: int = 4, modes: tuple[str, ...] = ("graph", "pynative"),
                         log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Training step time of ``preset_name`` in MindSpore (each of ``modes``) and PyTorch eager, taking
     turns ``steps`` steps at a time for ``rounds`` rounds after ``warmup`` untimed steps each.
 
+    Each side runs in a process of its own (spawned; it waits idle while another side runs), so the
+    frameworks' thread pools never compete for the cores; both use every core, as they do by default.
     Returns the machine, the date, the load average before and after, each side's per-round mean step
     times and median, and ``ratio_<mode>`` = median over rounds of (MindSpore / PyTorch step time).
     """
+    import multiprocessing
+
     from workbench.config import preset
 
     model_cfg = preset(preset_name)
@@ -209,25 +238,48 @@ def run_mindspore_bench(preset_name: str = "tiny", batch_size: int = 16, steps: 
     check_int("steps", steps, 1)
     check_int("rounds", rounds, 1)
     check_int("warmup", warmup, 0)
+    check(len(modes) > 0, "modes", "give at least one of " + ", ".join(MODES), modes)
     for mode in modes:
         check_choice("modes", mode, MODES)
-    check(len(modes) > 0, "modes", "give at least one of " + ", ".join(MODES), modes)
     say = log or (lambda line: None)
     load_before = os.getloadavg()
-    runners = {"torch": _torch_step_runner(model_cfg, batch_size, 0)}
-    for mode in modes:
-        runners[f"mindspore_{mode}"] = train_step_runner(model_cfg, batch_size, mode, 0)
-    for name, run in runners.items():
-        t0 = time.perf_counter()
-        for _ in range(warmup):
-            run()
-        say(f"{name}: {warmup} warmup steps in {time.perf_counter() - t0:.1f} s")
-    per_round: dict[str, list[float]] = {name: [] for name in runners}
-    for r in range(rounds):
-        for name, run in runners.items():
-            times = _timed(run, steps, 0)
-            per_round[name].append(statistics.mean(times))
-        say(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {v[-1] * 1e3:.0f} ms" for n, v in per_round.items()))
+    sides = ["torch"] + [f"mindspore_{mode}" for mode in modes]
+    ctx = multiprocessing.get_context("spawn")
+    workers: dict[str, Any] = {}
+
+    def ask(side: str, n: int | None) -> list[float]:
+        conn = workers[side][0]
+        conn.send(n)
+        kind, value = conn.recv()
+        if kind == "error":
+            raise RuntimeError(f"{side}: {value}")
+        return value
+
+    per_round: dict[str, list[float]] = {side: [] for side in sides}
+    try:
+        for side in sides:  # one at a time, so that building and compiling do not overlap either
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(child, side, preset_name, batch_size), daemon=True)
+            proc.start()
+            workers[side] = (parent, proc)
+            kind, value = parent.recv()
+            if kind == "error":
+                raise RuntimeError(f"{side}: {value}")
+            t0 = time.perf_counter()
+            if warmup:
+                ask(side, warmup)
+            say(f"{side}: {warmup} warmup steps in {time.perf_counter() - t0:.1f} s")
+        for r in range(rounds):
+            for side in sides:
+                per_round[side].append(statistics.mean(ask(side, steps)))
+            say(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {v[-1] * 1e3:.0f} ms" for n, v in per_round.items()))
+    finally:
+        for conn, proc in workers.values():
+            with contextlib.suppress(OSError, BrokenPipeError):
+                conn.send(None)
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
     result: dict[str, Any] = {
         "benchmark": "MindSpore vs PyTorch eager: training step time",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

@@ -104,6 +104,17 @@ def apply_rotary(x_BhSd: Tensor, cos_Sd: Tensor, sin_Sd: Tensor) -> Tensor:
     return ops.concat((x1 * cos_Sd - x2 * sin_Sd, x2 * cos_Sd + x1 * sin_Sd), axis=-1)
 
 
+def rotate_half_matrix(head_dim: int) -> np.ndarray:
+    """R with x @ R = (-x2, x1) for x = (x1, x2): the rotation of ``apply_rotary`` as a matmul, so that
+    RoPE needs no slices of the activations (slow on MindSpore's CPU backend). Every output entry is
+    one input entry times +-1 plus zeros, so ``x cos + (x @ R) sin`` rounds exactly as ``apply_rotary``."""
+    half = head_dim // 2
+    r = np.zeros((head_dim, head_dim), np.float32)
+    r[np.arange(half) + half, np.arange(half)] = -1.0
+    r[np.arange(half), np.arange(half) + half] = 1.0
+    return r
+
+
 class RMSNorm(nn.Cell):
     """y = x / sqrt(mean(x^2) + eps) * g (Zhang and Sennrich 2019), as ``torch.nn.RMSNorm``."""
 
@@ -117,24 +128,45 @@ class RMSNorm(nn.Cell):
 
 
 class CausalSelfAttention(nn.Cell):
+    """Rotary causal self-attention, as ``workbench.model.CausalSelfAttention`` (one (3D, D) ``qkv`` weight).
+
+    ``construct(x_BSD, cos_Sd, sin_Sd)`` takes the half-width RoPE tables of ``rotary_tables``.
+    """
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.n_heads, self.head_dim, self.d_model = cfg.n_heads, cfg.head_dim, cfg.d_model
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         D = cfg.d_model
         self.qkv = Parameter(Tensor(np.zeros((3 * D, D), np.float32)), name="qkv")
         self.out = Parameter(Tensor(np.zeros((D, D), np.float32)), name="out")
         # additive causal mask: 0 on and below the diagonal, -inf above (the diagonal keeps softmax finite)
-        mask = np.triu(np.full((cfg.seq_len, cfg.seq_len), NEG_INF, np.float32), k=1)
-        self.mask = Tensor(mask)
+        self.mask = Tensor(np.triu(np.full((cfg.seq_len, cfg.seq_len), NEG_INF, np.float32), k=1))
+        self.max_len = cfg.seq_len
+        self.rotate = Tensor(rotate_half_matrix(cfg.head_dim))
+
+    def heads(self, x_BSD: Tensor, w_OI: Tensor, cos_Sd: Tensor, sin_Sd: Tensor, rope: bool) -> Tensor:
+        """One of q, k, v as (B, h, S, d): the weight is sliced, not the activations."""
+        B, S, _ = x_BSD.shape
+        y_BhSd = linear(x_BSD, w_OI).reshape(B, S, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
+        if not rope:
+            return y_BhSd
+        # x cos + rotate_half(x) sin, with the tables repeated to the full head width
+        cos = ops.concat((cos_Sd, cos_Sd), axis=-1)
+        sin = ops.concat((sin_Sd, sin_Sd), axis=-1)
+        rotated = ops.matmul(y_BhSd.reshape(-1, self.head_dim), self.rotate).reshape(y_BhSd.shape)
+        return y_BhSd * cos + rotated * sin
 
     def construct(self, x_BSD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         B, S, D = x_BSD.shape
-        # shape: (3, B, h, S, d), torch's "B S (qkv h d) -> qkv B h S d"
-        qkv = linear(x_BSD, self.qkv).reshape(B, S, 3, self.n_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        q, k = apply_rotary(q, cos[:S], sin[:S]), apply_rotary(k, cos[:S], sin[:S])
-        scores_BhSS = ops.matmul(q, k.swapaxes(-1, -2)) * self.scale + self.mask[:S, :S]
+        if S != self.max_len:
+            cos, sin, mask = cos[:S], sin[:S], self.mask[:S, :S]
+        else:
+            mask = self.mask
+        q = self.heads(x_BSD, self.qkv[:D], cos, sin, True)
+        k = self.heads(x_BSD, self.qkv[D:2 * D], cos, sin, True)
+        v = self.heads(x_BSD, self.qkv[2 * D:], cos, sin, False)
+        scores_BhSS = ops.matmul(q, k.swapaxes(-1, -2)) * self.scale + mask
         y_BhSd = ops.matmul(ops.softmax(scores_BhSS, axis=-1), v)
         return linear(y_BhSd.transpose(0, 2, 1, 3).reshape(B, S, D), self.out)
 
@@ -247,6 +279,17 @@ def _scatter_rows(index_R: Tensor, at_N: Tensor, values_N: Tensor) -> Tensor:
     return ops.tensor_scatter_update(index_R, at_N.reshape(-1, 1), values_N)
 
 
+def combine(rows_RD: Tensor, row_of_pair_TK: Tensor, weights_TK: Tensor) -> Tensor:
+    """y_t = sum_k w_tk * rows[row_of_pair[t, k]], one gather per k (K is small and static): no (T, K, D)
+    intermediate and no reduction over K, which MindSpore's CPU backend runs slowly."""
+    K = row_of_pair_TK.shape[1]
+    rows_KT, weights_KT = row_of_pair_TK.T, weights_TK.astype(rows_RD.dtype).T
+    y_TD = ops.gather(rows_RD, rows_KT[0], 0) * weights_KT[0].reshape(-1, 1)
+    for k in range(1, K):
+        y_TD = y_TD + ops.gather(rows_RD, rows_KT[k], 0) * weights_KT[k].reshape(-1, 1)
+    return y_TD
+
+
 class SwiGLUExperts(nn.Cell):
     """E SwiGLU experts with stacked weights (``w1``, ``w3``: E x D x H, ``w2``: E x H x D), the
     PyTorch layout: expert_e(x) = (silu(x W1_e) * (x W3_e)) W2_e."""
@@ -309,7 +352,7 @@ def capacity_dispatch(experts: SwiGLUExperts, capacity_factor: float | None, x_T
     buffer_ECD = ops.gather(x_pad, slot_to_token[: E * C], 0).reshape(E, C, D)
     out_ECD = experts.batched(buffer_ECD)
     out_pad = ops.concat((out_ECD.reshape(E * C, D), ops.zeros((1, D), out_ECD.dtype)), axis=0)
-    y_TD = (ops.gather(out_pad, slot_TK, 0) * weights_TK.astype(out_pad.dtype).reshape(T, K, 1)).sum(axis=1)
+    y_TD = combine(out_pad, slot_TK, weights_TK)
     kept_E = ops.minimum(counts_E, C)
     return y_TD, counts_E, kept_E
 
@@ -342,8 +385,7 @@ def sorted_dispatch(experts: SwiGLUExperts, block_rows: int, x_TD: Tensor, exper
     block_expert = (block_start.reshape(-1, 1) >= end_E.reshape(1, -1)).astype(ms.int32).sum(axis=1)
     block_expert = ops.minimum(block_expert, E - 1)
     out_RD = experts.blocked(x_nbD, block_expert).reshape(blocks * b, D)
-    out_TKD = ops.gather(out_RD, row_N.reshape(T, K), 0)
-    y_TD = (out_TKD * weights_TK.astype(out_RD.dtype).reshape(T, K, 1)).sum(axis=1)
+    y_TD = combine(out_RD, row_N.reshape(T, K), weights_TK)
     return y_TD, counts_E, counts_E
 
 
@@ -363,8 +405,7 @@ def grouped_dispatch(experts: SwiGLUExperts, x_TD: Tensor, expert_ids_TK: Tensor
     counts_E = ops.one_hot(expert_of_pair_N, E, Tensor(1, ms.int32), Tensor(0, ms.int32)).sum(axis=0)
     x_ND = ops.gather(x_TD, sorted_to_pair_N // K, 0)
     out_ND = experts.grouped(x_ND, ops.cumsum(counts_E, 0).astype(ms.int64))
-    out_TKD = ops.gather(out_ND, pair_to_sorted_N.reshape(T, K), 0)
-    y_TD = (out_TKD * weights_TK.astype(out_ND.dtype).reshape(T, K, 1)).sum(axis=1)
+    y_TD = combine(out_ND, pair_to_sorted_N.reshape(T, K), weights_TK)
     return y_TD, counts_E, counts_E
 
 

@@ -16,10 +16,10 @@ The same recipe as ``workbench.train.Trainer``, so runs of the two frameworks co
   ``L<i>/...`` routing metrics, lr, grad_norm, step_time_s, tokens_per_s, tokens_seen, val/...),
   written to ``metrics.jsonl``, so ``workbench.viz`` and ``workbench.analysis`` read both.
 
-AdamW and clipping are written out here (a few lines each) rather than taken from
-``mindspore.nn.AdamWeightDecay``, which has no bias correction, and ``ops.clip_by_global_norm``,
-which divides by max(norm, max_norm) where torch divides by norm + 1e-6: with those the
-trajectories would differ by design, not by rounding.
+AdamW and clipping are set up here rather than taken from ``mindspore.nn.AdamWeightDecay``, which
+has no bias correction (``AdamW`` feeds the correction into the same fused kernel), and
+``ops.clip_by_global_norm``, which divides by max(norm, max_norm) where torch divides by
+norm + 1e-6: with those the trajectories would differ by design, not by rounding.
 
 ``mode="graph"`` compiles the whole step (forward, backward, clipping, update) with ``mindspore.jit``
 once; ``"pynative"`` runs the forward and backward op by op and the clipping and update compiled
@@ -56,7 +56,13 @@ def set_device(device: str) -> str:
     kind = device.partition(":")[0]
     if kind != "auto":
         check(kind in _DEVICE_TARGETS, "device", "the MindSpore trainer takes auto, cpu, cuda[:N] or npu[:N]", device)
-        ms.set_device(_DEVICE_TARGETS[kind], int(device.partition(":")[2] or 0))
+        target, current = _DEVICE_TARGETS[kind], ms.get_context("device_target")
+        if target != current:
+            try:
+                ms.set_device(target, int(device.partition(":")[2] or 0))
+            except RuntimeError:  # the runtime started on another device already
+                check(False, "device", f"MindSpore already runs on {current} in this process; set the device "
+                      "before any MindSpore computation", device)
     return ms.get_context("device_target")
 
 
@@ -73,7 +79,10 @@ class AdamW(nn.Cell):
         p <- p (1 - lr wd);  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
         p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 
-    Weight decay on matrices only (``ndim >= 2``), as ``workbench.train.trainer.build_optimizer``.
+    run by MindSpore's fused ``AdamWeightDecay`` kernel, which has no bias correction
+    (p <- p - lr' (m / (sqrt(v) + eps') + wd' p)): the correction goes into its inputs,
+    lr' = lr sqrt(1 - b2^t) / (1 - b1^t), eps' = eps sqrt(1 - b2^t), wd' = lr wd / lr', which is the
+    same update. Weight decay on matrices only (``ndim >= 2``), as ``workbench.train.trainer.build_optimizer``.
     ``construct(grads, lr)`` updates in place; ``lr`` is a scalar tensor, so GRAPH mode compiles once.
     """
 
@@ -85,20 +94,19 @@ class AdamW(nn.Cell):
         self.decay = tuple(float(weight_decay) if len(p.shape) >= 2 else 0.0 for p in params)
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
         self.t = Parameter(Tensor(0.0, ms.float32), name="adam_t", requires_grad=False)
+        self.kernel = ops.AdamWeightDecay()
 
     def construct(self, grads: tuple, lr: Tensor):
         t = self.t + 1.0
         ops.assign(self.t, t)
         bias1 = 1.0 - ops.pow(Tensor(self.beta1, ms.float32), t)
         bias2_sqrt = ops.sqrt(1.0 - ops.pow(Tensor(self.beta2, ms.float32), t))
+        lr_k = lr * bias2_sqrt / bias1
+        eps_k = self.eps * bias2_sqrt
+        beta1, beta2 = Tensor(self.beta1, ms.float32), Tensor(self.beta2, ms.float32)
         for i in range(len(self.params)):
-            p, m, v, g = self.params[i], self.m[i], self.v[i], grads[i]
-            m_new = self.beta1 * m + (1.0 - self.beta1) * g
-            v_new = self.beta2 * v + (1.0 - self.beta2) * g * g
-            ops.assign(m, m_new)
-            ops.assign(v, v_new)
-            p_new = p * (1.0 - lr * self.decay[i]) - (lr / bias1) * m_new / (ops.sqrt(v_new) / bias2_sqrt + self.eps)
-            ops.assign(p, p_new)
+            decay_k = lr * self.decay[i] / lr_k
+            self.kernel(self.params[i], self.m[i], self.v[i], lr_k, beta1, beta2, eps_k, decay_k, grads[i])
         return t
 
 
