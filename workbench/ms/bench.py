@@ -69,9 +69,10 @@ def train_step_runner(model_cfg: ModelConfig, batch_size: int, mode: str = "grap
     """A function that runs one training step of the MindSpore model on a fixed random batch and
     returns its loss (on the host, so the step is finished). Weights: ``MoELM.init_weights(seed)``."""
     ms = require_mindspore()
-    from workbench.ms.model import MoELM
+    from workbench.ms.model import MoELM, tune_cpu_runtime
     from workbench.ms.train import TrainStep
 
+    tune_cpu_runtime()
     check_int("batch_size", batch_size, 1)
     check_choice("mode", mode, MODES)
     model = MoELM(model_cfg)
@@ -113,8 +114,9 @@ def measure_layer(moe_cfg: MoEConfig, d_model: int, tokens: int, dispatch: str, 
     ms = require_mindspore()
     from mindspore import ops
 
-    from workbench.ms.model import DISPATCHES, MoELayer
+    from workbench.ms.model import DISPATCHES, MoELayer, tune_cpu_runtime
 
+    tune_cpu_runtime()
     _check(mode, repeats, warmup)
     check_int("tokens", tokens, 1)
     check_int("d_model", d_model, 1)
@@ -195,19 +197,17 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def _side_runner(side: str, preset_name: str, batch_size: int) -> Callable[[], float]:
-    from workbench.config import preset
-
-    model_cfg = preset(preset_name)
+def _side_runner(side: str, model_config: dict[str, Any], batch_size: int) -> Callable[[], float]:
+    model_cfg = ModelConfig.from_dict(model_config)
     if side == "torch":
         return _torch_step_runner(model_cfg, batch_size, 0)
     return train_step_runner(model_cfg, batch_size, side.removeprefix("mindspore_"), 0)
 
 
-def _worker(conn, side: str, preset_name: str, batch_size: int) -> None:
+def _worker(conn, side: str, model_config: dict[str, Any], batch_size: int) -> None:
     """One side of the benchmark in its own process: build the step, then time ``n`` steps per request."""
     try:
-        run = _side_runner(side, preset_name, batch_size)
+        run = _side_runner(side, model_config, batch_size)
         conn.send(("ready", None))
         while True:
             n = conn.recv()
@@ -220,12 +220,14 @@ def _worker(conn, side: str, preset_name: str, batch_size: int) -> None:
 
 def run_mindspore_bench(preset_name: str = "tiny", batch_size: int = 16, steps: int = 5, warmup: int = 3,
                         rounds: int = 4, modes: tuple[str, ...] = ("graph", "pynative"),
-                        log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                        log: Callable[[str], None] | None = None,
+                        model_cfg: ModelConfig | None = None) -> dict[str, Any]:
     """Training step time of ``preset_name`` in MindSpore (each of ``modes``) and PyTorch eager, taking
     turns ``steps`` steps at a time for ``rounds`` rounds after ``warmup`` untimed steps each.
 
     Each side runs in a process of its own (spawned; it waits idle while another side runs), so the
     frameworks' thread pools never compete for the cores; both use every core, as they do by default.
+    ``model_cfg`` replaces the preset (the notebook's smoke run times a smaller model).
     Returns the machine, the date, the load average before and after, each side's per-round mean step
     times and median, and ``ratio_<mode>`` = median over rounds of (MindSpore / PyTorch step time).
     """
@@ -233,7 +235,10 @@ def run_mindspore_bench(preset_name: str = "tiny", batch_size: int = 16, steps: 
 
     from workbench.config import preset
 
-    model_cfg = preset(preset_name)
+    if model_cfg is None:
+        model_cfg = preset(preset_name)
+    else:
+        preset_name = "custom"
     check_int("batch_size", batch_size, 1)
     check_int("steps", steps, 1)
     check_int("rounds", rounds, 1)
@@ -259,7 +264,7 @@ def run_mindspore_bench(preset_name: str = "tiny", batch_size: int = 16, steps: 
     try:
         for side in sides:  # one at a time, so that building and compiling do not overlap either
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(child, side, preset_name, batch_size), daemon=True)
+            proc = ctx.Process(target=_worker, args=(child, side, model_cfg.to_dict(), batch_size), daemon=True)
             proc.start()
             workers[side] = (parent, proc)
             kind, value = parent.recv()
@@ -285,7 +290,8 @@ def run_mindspore_bench(preset_name: str = "tiny", batch_size: int = 16, steps: 
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": machine_info(),
         "load_average_before": list(load_before), "load_average_after": list(os.getloadavg()),
-        "preset": preset_name, "batch_size": batch_size, "tokens_per_step": batch_size * model_cfg.seq_len,
+        "preset": preset_name, "model_config": model_cfg.to_dict(),
+        "batch_size": batch_size, "tokens_per_step": batch_size * model_cfg.seq_len,
         "dispatch": model_cfg.moe.dispatch if model_cfg.moe else None,
         "steps_per_round": steps, "rounds": rounds, "warmup_steps": warmup,
         "step_s_per_round": per_round,

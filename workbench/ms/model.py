@@ -79,6 +79,29 @@ def device_target() -> str:
     return ms.get_context("device_target")
 
 
+_RUNTIME_TUNED = False
+
+
+def tune_cpu_runtime() -> None:
+    """On CPU, launch MindSpore's kernels synchronously (``mindspore.runtime.launch_blocking``), once per process.
+
+    By default PyNative hands every operation to a pipeline of runtime threads (five by default), which on
+    a machine of a few cores compete with the threads that run the kernels; launching in the calling thread
+    made PyNative steps several times faster on 2 cores, with GRAPH mode unchanged (see ``workbench bench
+    mindspore``). Elsewhere (GPU, Ascend) asynchronous launch is what keeps the device busy: left alone.
+    ``MSTrainer``, the parity suite and the benchmark functions call it; the workbench's PyTorch side
+    tunes glibc's allocator the same way (``workbench.runtime``).
+    """
+    global _RUNTIME_TUNED
+    if _RUNTIME_TUNED or device_target() != "CPU":
+        return
+    try:
+        ms.runtime.launch_blocking()
+    except RuntimeError:  # the runtime refused the change at this point: keep its defaults
+        pass
+    _RUNTIME_TUNED = True
+
+
 # --- small pieces -----------------------------------------------------------------------------
 
 

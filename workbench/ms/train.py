@@ -45,7 +45,7 @@ from workbench.validation import check, check_choice
 ms = require_mindspore()
 from mindspore import Parameter, Tensor, nn, ops  # noqa: E402
 
-from workbench.ms.model import MoELM, check_supported, update_router_bias  # noqa: E402
+from workbench.ms.model import MoELM, check_supported, tune_cpu_runtime, update_router_bias  # noqa: E402
 
 MODES = ("pynative", "graph")
 _DEVICE_TARGETS = {"cpu": "CPU", "cuda": "GPU", "npu": "Ascend"}
@@ -134,8 +134,9 @@ class TrainStep:
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
 
         def forward(tokens, targets):
-            loss, _, aux_loss, lm_loss, routing = model(tokens, targets)
-            return loss, lm_loss, aux_loss, routing
+            # every output is returned: MindSpore warns when a compiled graph drops one
+            loss, logits, aux_loss, lm_loss, routing = model(tokens, targets)
+            return loss, lm_loss, aux_loss, routing, logits
 
         grad_fn = ms.value_and_grad(forward, None, self.optimizer.params, has_aux=True)
         optimizer = self.optimizer
@@ -146,7 +147,7 @@ class TrainStep:
             return norm
 
         def step(tokens, targets, lr):
-            (loss, lm_loss, aux_loss, routing), grads = grad_fn(tokens, targets)
+            (loss, lm_loss, aux_loss, routing, _), grads = grad_fn(tokens, targets)
             return loss, lm_loss, aux_loss, update(grads, lr), routing
 
         if mode == "graph":
@@ -157,8 +158,9 @@ class TrainStep:
             compiled_update = ms.jit(update)
 
             def pynative_step(tokens, targets, lr):
-                (loss, lm_loss, aux_loss, routing), grads = grad_fn(tokens, targets)
-                return loss, lm_loss, aux_loss, compiled_update(grads, lr), routing
+                (loss, lm_loss, aux_loss, routing, _), grads = grad_fn(tokens, targets)
+                # mutable: a tuple of tensors is otherwise a constant of the graph, recompiled every step
+                return loss, lm_loss, aux_loss, compiled_update(ms.mutable(grads), lr), routing
 
             self._step = pynative_step
 
@@ -215,6 +217,7 @@ class MSTrainer:
         check_supported(model_cfg)
         check_train_config(cfg)
         self.device = set_device(cfg.device)
+        tune_cpu_runtime()
         self.model_cfg, self.cfg, self.mode = model_cfg, cfg, mode
         self.data = data if data is not None else build_data(cfg, model_cfg.seq_len)
         torch.manual_seed(cfg.seed)  # the PyTorch trainer's initial weights, exactly
