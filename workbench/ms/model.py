@@ -23,7 +23,7 @@ What the MindSpore side expresses (``check_supported`` refuses the rest by field
   and the loss-free bias (updated by the trainer after the optimizer step, from the loads the
   forward returns: a GRAPH-compiled forward keeps no side effects);
 - shared experts, plain and gated (Qwen2-MoE); tied embeddings; no dropout, no router jitter
-  (both random: parity could not be checked).
+  (both random: parity could not be checked), no padding mask (the trainers' batches have none).
 
 The forward returns plain tuples (GRAPH mode compiles tuples, not dataclasses);
 ``ModelOutputs`` / ``LayerRouting`` name their fields.
