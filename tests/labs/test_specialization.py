@@ -114,3 +114,11 @@ def test_domain_windows_pack_each_domains_validation_text():
         assert (domains == d).all()
     with pytest.raises(ValueError, match="vocab_size"):
         lab.domain_windows(lambda text: list(text.encode()), seq_len=16, windows_per_domain=1, vocab_size=10)
+
+
+def test_claim_that_holds_on_one_metric_only_says_which():
+    scores = _scores([0.30, 0.52, 0.18], [0.20, 0.40, 0.10])
+    scores["vocab/norm"] = [0.5, 0.5, 0.5, 0.5, 0.5, 0.5]
+    c = lab.claim_check(scores, "A", "B", "claim")
+    assert c["outcome"] == "reproduces on domain specialization (NMI) only"
+    assert c["tests"]["vocab"]["holds"] is False

@@ -183,17 +183,21 @@ def _verdict(c: dict[str, Any], label: str) -> str:
 def claim_check(scores: Any, a: str, b: str, claim: str,
                 metrics: tuple[str, ...] = CLAIM_METRICS) -> dict[str, Any]:
     """The claim "``a`` specialises more than ``b``" on each of ``metrics`` (their ``/norm``
-    columns in ``scores``, from ``run_scores``). It holds when it holds on every metric, is refuted
-    when ``b`` is higher beyond seed noise on one, and otherwise is not shown at this scale."""
+    columns in ``scores``, from ``run_scores``). ``outcome``: "reproduces" when it holds on every
+    metric, "reproduces on <metrics> only" when on some, "the opposite holds" when ``b`` is higher
+    beyond seed noise on one and ``a`` on none, and otherwise "does not reproduce beyond seed noise"."""
     tests = {m: compare(scores, a, b, f"{m}/norm") for m in metrics}
-    holds = [t["holds"] for t in tests.values()]
-    reverse = [compare(scores, b, a, f"{m}/norm")["holds"] for m in metrics]
-    if any(h is None for h in holds):
+    reverse = {m: compare(scores, b, a, f"{m}/norm")["holds"] for m in metrics}
+    held = [m for m, t in tests.items() if t["holds"]]
+    if any(t["holds"] is None for t in tests.values()):
         outcome = "cannot be judged: too few seeds"
-    elif all(holds):
+    elif len(held) == len(metrics):
         outcome = "reproduces"
-    elif any(reverse):
-        outcome = "does not reproduce: the opposite holds on at least one metric"
+    elif held:
+        outcome = f"reproduces on {' and '.join(METRIC_LABELS[m] for m in held)} only"
+    elif any(reverse.values()):
+        outcome = "does not reproduce: the opposite holds on " + " and ".join(
+            METRIC_LABELS[m] for m, r in reverse.items() if r)
     else:
         outcome = "does not reproduce beyond seed noise"
     lines = [_verdict(t, METRIC_LABELS[m] + " (normalised excess)") for m, t in tests.items()]
@@ -227,8 +231,11 @@ def saturation_summary(saturation: Any, fraction: float = 0.1) -> Any:
 
 
 def takeaways(frame: Any, saturation: Any | None = None, *, coarse: str, fine_shared: str, fine: str | None = None,
-              micro: str | None = None, global_: str | None = None) -> list[str]:
-    """The lab's conclusions as sentences, each computed from the frames."""
+              micro: str | None = None, global_: str | None = None, untrained: Any | None = None,
+              runs: Any | None = None) -> list[str]:
+    """The lab's conclusions as sentences, each computed from the frames. ``untrained``: the
+    ``specialization_table`` rows of ``coarse``'s config at initialisation on the same data;
+    ``runs``: the runner's runs table (validation losses)."""
     lines = []
     base = beats_random(frame, coarse)
     d, v = base["domain_nmi"], base["vocab"]
@@ -236,11 +243,24 @@ def takeaways(frame: Any, saturation: Any | None = None, *, coarse: str, fine_sh
                  f"with the same load (excess {d['excess_mean']:+.3f}, smallest over seeds and layers "
                  f"{d['excess_min']:+.3f}); vocabulary specialization {v['score']:.3f} vs {v['baseline']:.3f} "
                  f"(excess {v['excess_mean']:+.3f}, smallest {v['excess_min']:+.3f}).")
+    if untrained is not None and len(untrained):
+        u_dom, u_voc = float(untrained["domain_nmi"].mean()), float(untrained["vocab"].mean())
+        u_base = float(untrained["vocab_baseline"].mean())
+        lines.append(f"The same config untrained: domain NMI {u_dom:.3f} and vocabulary specialization {u_voc:.3f} "
+                     f"(random {u_base:.3f}). Training {'raised' if d['score'] > u_dom else 'lowered'} domain "
+                     f"specialization to {d['score']:.3f} and {'raised' if v['score'] > u_voc else 'lowered'} "
+                     f"vocabulary specialization to {v['score']:.3f}: above the random baseline, vocabulary "
+                     "specialization is largely a property of a router that reads the token, trained or not.")
     scores = run_scores(frame)
     lines.append(claim_check(scores, fine_shared, coarse, "DeepSeekMoE (fine-grained + shared experts specialise "
                              "more than coarse experts)")["verdict"])
     if fine is not None:
         lines.append(claim_check(scores, fine, coarse, "Ablation (fine-grained experts alone)")["verdict"])
+    if runs is not None:
+        loss = runs.groupby("name", sort=False)["val_loss"].agg(["mean", "std"])
+        names = [n for n in (coarse, fine, fine_shared) if n in loss.index]
+        lines.append("At this budget the validation losses of the granularity runs are "
+                     + "; ".join(f"{n} {loss.loc[n, 'mean']:.4f} ± {loss.loc[n, 'std']:.4f}" for n in names) + ".")
     if micro is not None and global_ is not None:
         lines.append(claim_check(scores, global_, micro, "Qiu et al. (global-batch balancing specialises more "
                                  "than micro-batch)")["verdict"])
@@ -248,8 +268,8 @@ def takeaways(frame: Any, saturation: Any | None = None, *, coarse: str, fine_sh
         sat = saturation_summary(saturation)
         parts = [f"{n} {r['saturation']:.2f} at step {r['step']:.0f} (random {r['baseline']:.2f})"
                  for n, r in sat.iterrows()]
-        lines.append("Router saturation (top-k overlap with the final routing of the probe set, about a tenth into "
-                     "training): " + "; ".join(parts) + ".")
+        lines.append("Router saturation (top-k overlap with the final routing of the probe set, at the first "
+                     "validation a tenth or more into training): " + "; ".join(parts) + ".")
     return lines
 
 
