@@ -550,6 +550,7 @@ def run_throughput(cfg: ThroughputConfig, log: Callable[[str], Any] = print) -> 
         for name in cfg.presets if cfg.mindspore_presets is None else cfg.mindspore_presets:
             add(measure_mindspore("model", preset_name=name, batch_size=cfg.model_batch_size, **ms_kw),
                 f"mindspore model {name} train step")
+    env["load_average_after"] = list(os.getloadavg())  # a busy spell during the run shows here
     return {"benchmark": "throughput", "environment": env, "backends": [asdict(b) for b in backends],
             "this_machine": {**peaks, "name": dev.name, "dtype": cfg.dtype},
             "config": {**asdict(cfg), "base": asdict(cfg.base)}, "records": records}
