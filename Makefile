@@ -44,6 +44,7 @@ lint: setup
 bench: setup
 	$(BIN)/workbench bench layer --json runs/bench/layer.json
 	$(BIN)/workbench bench train --dense --json runs/bench/train.json
+	$(BIN)/workbench bench throughput --json runs/bench/throughput.json
 
 lab: setup
 	$(BIN)/jupyter lab notebooks
