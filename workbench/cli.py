@@ -496,7 +496,7 @@ def _run_bench_layer(args: argparse.Namespace) -> int:
         tune_cpu_allocator()
     result = run_layer_bench(cfg, progress=sys.stdout.isatty())
     print(format_layer_bench(result))
-    _write_json(args.json, result.to_dict())
+    write_json(args.json, result.to_dict())
     return 0
 
 
@@ -510,7 +510,7 @@ def _run_bench_train(args: argparse.Namespace) -> int:
         _usage_error("workbench bench train", str(err))
     results = run_train_bench(presets, steps=args.steps, batch_size=args.batch_size, dense=args.dense)
     print(format_train_bench(results))
-    _write_json(args.json, results)
+    write_json(args.json, results)
     return 0
 
 
@@ -525,7 +525,7 @@ def _run_bench_expert_parallel(args: argparse.Namespace) -> int:
     except ValueError as err:
         _usage_error("workbench bench expert-parallel", str(err))
     print(format_expert_parallel_bench(result))
-    _write_json(args.json, result)
+    write_json(args.json, result)
     return 0
 
 
@@ -575,7 +575,9 @@ def _run_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_json(path: Path | None, data: Any) -> None:
+def write_json(path: Path | None, data: Any) -> None:
+    """Write ``data`` as JSON (NaN refused) when ``path`` is given, saying where; the bench and parity
+    commands share it."""
     if path is None:
         return
     from workbench.train.rundir import json_safe

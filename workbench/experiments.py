@@ -216,9 +216,6 @@ class _TraceRecorder:
     PROBE_WINDOWS = 2
 
     def __init__(self, trainer: Any):
-        from workbench.analysis.traces import probe_routing
-
-        self._probe_routing = probe_routing
         val = trainer.data.val_batches()
         self.probe = torch.cat([batches[0].tokens[:self.PROBE_WINDOWS] for batches in val.values()])
         self.probes: list[tuple[int, torch.Tensor]] = []
@@ -227,9 +224,9 @@ class _TraceRecorder:
     def __call__(self, trainer: Any, row: dict[str, Any]) -> None:
         if "val/loss" not in row:
             return
-        from workbench.analysis.traces import collect
+        from workbench.analysis.traces import collect, probe_routing
 
-        self.probes.append((trainer.step, self._probe_routing(trainer.model, self.probe)))
+        self.probes.append((trainer.step, probe_routing(trainer.model, self.probe)))
         if trainer.step >= trainer.cfg.steps:
             data = trainer.data
             batches = [b for bs in data.val_batches().values() for b in bs]

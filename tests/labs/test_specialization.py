@@ -122,3 +122,15 @@ def test_claim_that_holds_on_one_metric_only_says_which():
     c = lab.claim_check(scores, "A", "B", "claim")
     assert c["outcome"] == "reproduces on domain specialization (NMI) only"
     assert c["tests"]["vocab"]["holds"] is False
+
+
+@pytest.mark.parametrize("untrained_vocab, says_reads_token", [(0.9, True), (0.4, False)])
+def test_takeaways_credit_the_untrained_router_only_when_it_has_most_of_the_excess(untrained_vocab, says_reads_token):
+    rows = [{"name": n, "seed": s, "layer": 0, "domain_nmi": 0.2 + 0.01 * s, "domain_nmi_baseline": 0.0,
+             "vocab": 0.8 + 0.01 * s, "vocab_baseline": 0.3, "domain_nmi/norm": 0.2 + 0.01 * s,
+             "vocab/norm": 0.7 + 0.01 * s} for n in ("C", "F") for s in (0, 1)]
+    untrained = pd.DataFrame([{"domain_nmi": 0.02, "vocab": untrained_vocab, "vocab_baseline": 0.3}])
+    lines = lab.takeaways(pd.DataFrame(rows), coarse="C", fine_shared="F", untrained=untrained)
+    assert lines[1].startswith(f"The same config untrained: domain NMI 0.020 and vocabulary specialization "
+                               f"{untrained_vocab:.3f}")
+    assert ("a router that reads the token" in lines[1]) == says_reads_token

@@ -7,11 +7,11 @@ line on stderr naming it, exit status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
+from workbench.cli import write_json
 from workbench.validation import check
 
 _FORMAT = argparse.ArgumentDefaultsHelpFormatter
@@ -83,16 +83,6 @@ def _fail(prog: str, message: Any) -> int:
     return 2
 
 
-def _write_json(path: Path | None, data: Any) -> None:
-    if path is None:
-        return
-    from workbench.train.rundir import json_safe
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False))
-    print(f"wrote {path}")
-
-
 def run_throughput_command(args: argparse.Namespace) -> int:
     from workbench.bench import harness
 
@@ -125,7 +115,7 @@ def run_throughput_command(args: argparse.Namespace) -> int:
     results = harness.run_throughput(cfg, log=lambda line: print(line, flush=True))
     print(harness.format_throughput(results))
     try:
-        _write_json(args.json, results)
+        write_json(args.json, results)
         figure = args.figure or (args.json.with_suffix(".png") if args.json else None)
         if figure is not None:
             _figure(results, figure)
@@ -185,7 +175,7 @@ def run_model_command(args: argparse.Namespace) -> int:
                 print(f"  {e['key']:<26} {e['metric']:<26} published {e['published']:>10.4g} predicted "
                       f"{e['predicted']:>10.4g} error {100 * e['error']:+.0f}%")
     try:
-        _write_json(args.json, out)
+        write_json(args.json, out)
         if args.figure is not None:
             import matplotlib
 

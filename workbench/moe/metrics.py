@@ -7,6 +7,7 @@ numbers (per-expert values as lists) so they go straight into JSON lines or a Da
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -82,3 +83,24 @@ def routing_metrics(info: RoutingInfo) -> dict[str, float | list[float]]:
     out["experts_per_token"] = assignments_T.double().mean().item()
     out["unrouted_token_fraction"] = (assignments_T == 0).double().mean().item()
     return out
+
+
+def step_routing_metrics(infos: Sequence[RoutingInfo], moe_layers: Sequence[int],
+                         loss_weights: dict[str, float]) -> dict[str, float | list[float]]:
+    """One training step's routing columns of the metrics log, from every MoE layer's ``RoutingInfo``:
+    ``raw/<loss>`` and ``weighted/<loss>`` (mean over layers), ``L<i>/<metric>`` (``routing_metrics``
+    and each balancing loss of layer ``i``) and ``max_vio`` (mean over layers). The PyTorch and
+    MindSpore trainers both write these, so the same plots read either log."""
+    row: dict[str, float | list[float]] = {}
+    for name in infos[0].losses:
+        row[f"raw/{name}"] = sum(info.losses[name].item() for info in infos) / len(infos)
+        row[f"weighted/{name}"] = loss_weights[name] * row[f"raw/{name}"]
+    max_vios = []
+    for layer_idx, info in zip(moe_layers, infos, strict=True):
+        m = routing_metrics(info)
+        for name, value in info.losses.items():
+            m[name] = value.item()
+        max_vios.append(m["max_vio"])
+        row.update({f"L{layer_idx}/{k}": v for k, v in m.items()})
+    row["max_vio"] = sum(max_vios) / len(max_vios)
+    return row

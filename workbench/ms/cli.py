@@ -8,10 +8,10 @@ install command.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-from typing import Any
+
+from workbench.cli import write_json
 
 _PARITY_DESCRIPTION = """\
 Check that the MindSpore model computes what the PyTorch model computes, on the same weights and
@@ -58,16 +58,6 @@ def _fail(prog: str, message: str) -> int:
     return 2
 
 
-def _write(path: Path | None, data: Any, prog: str) -> None:
-    if path is None:
-        return
-    from workbench.train.rundir import json_safe
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False))
-    print(f"wrote {path}")
-
-
 def run_parity(args: argparse.Namespace) -> int:
     prog = "workbench parity"
     try:
@@ -92,7 +82,7 @@ def run_parity(args: argparse.Namespace) -> int:
     report = run_parity(cfg, mode=args.mode, seed=args.seed, batch_size=args.batch_size,
                         curve_steps=args.curve_steps)
     print(report.format())
-    _write(args.json, report.to_dict(), prog)
+    write_json(args.json, report.to_dict())
     return 0 if report.passed else 1
 
 
@@ -112,5 +102,5 @@ def run_bench(args: argparse.Namespace) -> int:
     except ValueError as err:
         return _fail(prog, str(err))
     print(format_mindspore_bench(result))
-    _write(args.json, result, prog)
+    write_json(args.json, result)
     return 0

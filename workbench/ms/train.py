@@ -239,7 +239,7 @@ class MSTrainer:
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step; returns its metrics row (the PyTorch trainer's keys)."""
-        from workbench.moe import routing_metrics
+        from workbench.moe import step_routing_metrics
 
         cfg = self.cfg
         batch = self.data.get_batch(self.step)
@@ -260,18 +260,7 @@ class MSTrainer:
         if routing:
             B, S = tokens.shape
             infos = [routing_info(layer, (B, S), self._capacity(B * S)) for layer in routing]
-            weights = self.model_cfg.moe.loss_weights
-            for name in infos[0].losses:
-                row[f"raw/{name}"] = sum(i.losses[name].item() for i in infos) / len(infos)
-                row[f"weighted/{name}"] = weights[name] * row[f"raw/{name}"]
-            max_vios = []
-            for layer_idx, info in zip(self.model_cfg.moe_layers, infos, strict=True):
-                m = routing_metrics(info)
-                for name, value in info.losses.items():
-                    m[name] = value.item()
-                max_vios.append(m["max_vio"])
-                row.update({f"L{layer_idx}/{k}": v for k, v in m.items()})
-            row["max_vio"] = sum(max_vios) / len(max_vios)
+            row.update(step_routing_metrics(infos, self.model_cfg.moe_layers, self.model_cfg.moe.loss_weights))
         tokens_per_step = cfg.batch_size * self.model_cfg.seq_len
         row.update(step=self.step, lr=lr, grad_norm=grad_norm, step_time_s=elapsed,
                    tokens_per_s=tokens_per_step / elapsed, tokens_seen=self.step * tokens_per_step)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from workbench.config import ModelConfig
 from workbench.model import MoELM
-from workbench.moe import routing_metrics
+from workbench.moe import step_routing_metrics
 from workbench.runtime import tune_cpu_allocator
 from workbench.train.checkpoint import (
     CheckpointError,
@@ -302,18 +302,7 @@ class Trainer:
                                "aux_loss": out.aux_loss.item()}
         if not out.routing:
             return row
-        weights = self.model_cfg.moe.loss_weights
-        for name in out.routing[0].losses:
-            row[f"raw/{name}"] = sum(r.losses[name].item() for r in out.routing) / len(out.routing)
-            row[f"weighted/{name}"] = weights[name] * row[f"raw/{name}"]
-        max_vios = []
-        for layer_idx, info in zip(self.model_cfg.moe_layers, out.routing, strict=True):
-            m = routing_metrics(info)
-            for name, value in info.losses.items():
-                m[name] = value.item()
-            max_vios.append(m["max_vio"])
-            row.update({f"L{layer_idx}/{k}": v for k, v in m.items()})
-        row["max_vio"] = sum(max_vios) / len(max_vios)
+        row.update(step_routing_metrics(out.routing, self.model_cfg.moe_layers, self.model_cfg.moe.loss_weights))
         return row
 
     def _diverged(self, what: str) -> None:
