@@ -135,7 +135,7 @@ def test_without_a_compiler_the_experts_fall_back_with_one_warning(monkeypatch, 
     broken = tmp_path / "broken.cpp"
     broken.write_text('#error "this build is meant to fail"\n')
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
-    monkeypatch.setattr(cpu_kernels, "_SOURCE", broken)
+    monkeypatch.setattr(cpu_kernels, "_SOURCES", [broken])
     monkeypatch.setattr(cpu_kernels, "_module", None)
     monkeypatch.setattr(cpu_kernels, "_build_failed", False)
     monkeypatch.setattr(cpu_kernels, "_enabled", True)
@@ -196,6 +196,6 @@ def test_the_build_folder_is_keyed_by_environment_torch_version_and_source(monke
     monkeypatch.setattr(sys, "prefix", str(tmp_path / "other-venv"))
     other = cpu_kernels._extension_name()
     assert other != name and other.rsplit("_env", 1)[0] == name.rsplit("_env", 1)[0]
-    monkeypatch.setattr(cpu_kernels, "_SOURCE", tmp_path / "changed.cpp")
+    monkeypatch.setattr(cpu_kernels, "_SOURCES", [*cpu_kernels._SOURCES[:-1], tmp_path / "changed.cpp"])
     (tmp_path / "changed.cpp").write_text("// another kernel source\n")
     assert cpu_kernels._extension_name().rsplit("_env", 1)[0] != name.rsplit("_env", 1)[0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from workbench.moe import cpu_kernels
 from workbench.validation import check_choice
 
 # Over which tokens the Switch loss's expert frequencies f_i are counted (MoEConfig.aux_loss_scope).
@@ -60,6 +61,8 @@ def switch_aux_loss(scores_TE: torch.Tensor, expert_ids_TK: torch.Tensor,
     T, E = scores_TE.shape
     K = expert_ids_TK.shape[1]
     if slot_mask_TK is None and mask_T is None:
+        if cpu_kernels.fused_aux_applies(scores_TE):
+            return cpu_kernels.fused_switch_aux_loss(scores_TE, expert_ids_TK)  # CPU: the lines below, one pass
         # the common case in one counting pass: f_i = (assignments to i) / (T K)
         f_E = torch.bincount(expert_ids_TK.flatten(), minlength=E).to(scores_TE.dtype) / max(1, T * K)
     elif slot_mask_TK is None:

@@ -1,4 +1,5 @@
-"""A fused CPU kernel for the SwiGLU experts, built on first use, with a plain-PyTorch fallback.
+"""Fused CPU kernels for the experts and the routing around them, built on first use, each with
+the readable PyTorch code it replaces as the fallback.
 
 ``csrc/swiglu_experts_cpu.cpp`` cuts the rows (sorted by expert) into one equal range per
 intra-op thread, and each thread runs the whole expert FFN (forward: three GEMMs and the
@@ -7,11 +8,19 @@ few CPU cores that beats one grouped GEMM per weight matrix, whose small per-exp
 are split across every thread, and keeps each expert's activations in cache between its GEMMs
 (see the layer benchmark in the README for measured figures).
 
-The kernel is compiled with ``torch.utils.cpp_extension`` the first time it is needed (about
-30 s, once per torch version; the build lives under ``TORCH_EXTENSIONS_DIR`` or
-``~/.cache/torch_extensions``). Where no C++ compiler is found the build fails, a warning says
-why once, and ``SwiGLUExperts`` keeps using ``grouped_matmul``: same function, a little slower.
-Set ``WORKBENCH_FUSED_CPU=0`` (or use :func:`fused_cpu_kernel`) to turn the kernel off.
+``csrc/routing_cpu.cpp`` does the per-token work around the experts in one pass each: the
+softmax top-k router (gate, softmax, selection and gates, forward and backward), the counting
+sort of the token-expert pairs, the Switch auxiliary loss, and the values of the balancing
+losses that are only reported. At the workbench's sizes (thousands of tokens, 8 experts) the
+dozens of small ATen ops these replace cost more in dispatch than in arithmetic; together
+they were about a tenth of a ``tiny`` training step.
+
+The kernels are compiled with ``torch.utils.cpp_extension`` the first time one is needed (about
+a minute, once per environment, torch version and source; the build lives under
+``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``). Where no C++ compiler is found the
+build fails, a warning says why once, and every caller takes its readable path: the same
+function, a little slower. Set ``WORKBENCH_FUSED_CPU=0`` (or use :func:`fused_cpu_kernel`) to
+turn the kernels off.
 
 Shape legend: N routed rows sorted by expert, D model dim, H expert hidden, E experts.
 """
@@ -29,14 +38,18 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from workbench.moe.permutation import SortedPairs, combine, in_pair_order, sum_rows_per_token
-from workbench.moe.routers import RouterOutput
 
-_SOURCE = Path(__file__).parent / "csrc" / "swiglu_experts_cpu.cpp"
+if TYPE_CHECKING:
+    from workbench.moe.routers import RouterOutput
+
+# the kernels and their bindings, built as one extension
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("swiglu_experts_cpu.cpp", "routing_cpu.cpp", "extension.cpp")]
 _ENV_SWITCH = "WORKBENCH_FUSED_CPU"
 
 _enabled = os.environ.get(_ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
@@ -47,7 +60,7 @@ _lock = threading.Lock()
 
 @contextlib.contextmanager
 def fused_cpu_kernel(enabled: bool) -> Iterator[None]:
-    """Turn the fused kernel on or off inside a ``with`` block (benchmarks and tests compare both)."""
+    """Turn the fused kernels on or off inside a ``with`` block (benchmarks and tests compare both)."""
     global _enabled
     previous, _enabled = _enabled, enabled
     try:
@@ -65,10 +78,10 @@ def _extension_name() -> str:
     in turn, while every other process waited on the build lock. So the interpreter prefix is
     part of the key, and clones that share an environment (and a source) share one build.
     """
-    source_hash = hashlib.sha1(_SOURCE.read_bytes()).hexdigest()[:10]
+    source_hash = hashlib.sha1(b"".join(source.read_bytes() for source in _SOURCES)).hexdigest()[:10]
     env_hash = hashlib.sha1(os.path.realpath(sys.prefix).encode()).hexdigest()[:8]
     torch_version = re.sub(r"\W", "_", torch.__version__)
-    return f"workbench_swiglu_cpu_{torch_version}_{source_hash}_env{env_hash}"
+    return f"workbench_cpu_kernels_{torch_version}_{source_hash}_env{env_hash}"
 
 
 def _remove_stale_lock(lock: Path, max_age_s: float = 600.0) -> None:
@@ -94,26 +107,27 @@ def load_kernel() -> ModuleType | None:
         name = _extension_name()
         build_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
         if not (build_dir / f"{name}.so").exists():
-            print(f"workbench: building the fused CPU expert kernel in {build_dir} "
-                  "(once per environment, torch version and kernel source, about 30 s)", file=sys.stderr, flush=True)
+            print(f"workbench: building the fused CPU kernels in {build_dir} "
+                  "(once per environment, torch version and kernel source, about a minute)", file=sys.stderr, flush=True)
         try:
             build_dir.mkdir(parents=True, exist_ok=True)
             # Compile a copy kept in the build folder: its path is the same for every checkout
             # with this source, so two clones in one environment share one build.
             _remove_stale_lock(build_dir / "lock")
-            source = build_dir / _SOURCE.name
-            if not source.exists():
-                tmp = source.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_bytes(_SOURCE.read_bytes())
-                tmp.replace(source)
-            _module = load(name, [str(source)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                           build_directory=str(build_dir))
+            sources = [build_dir / source.name for source in _SOURCES]
+            for original, copy in zip(_SOURCES, sources, strict=True):
+                if not copy.exists():
+                    tmp = copy.with_suffix(f".{os.getpid()}.tmp")
+                    tmp.write_bytes(original.read_bytes())
+                    tmp.replace(copy)
+            _module = load(name, [str(source) for source in sources], extra_cflags=["-O3", "-fopenmp"],
+                           extra_ldflags=["-fopenmp"], build_directory=str(build_dir))
         except Exception as err:  # no compiler, no ninja, a read-only cache, ...: the fallback is exact
             _build_failed = True
             reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-            warnings.warn(f"the fused CPU expert kernel could not be built ({reason}); the experts run "
-                          f"with F.grouped_mm instead (same results, a little slower). Set {_ENV_SWITCH}=0 "
-                          "to skip the build.", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"the fused CPU kernels could not be built ({reason}); the experts run with "
+                          "F.grouped_mm and the routing with plain PyTorch ops instead (same results, a little "
+                          f"slower). Set {_ENV_SWITCH}=0 to skip the build.", RuntimeWarning, stacklevel=3)
     return _module
 
 
@@ -172,7 +186,7 @@ def require_kernel() -> ModuleType:
     """The built extension; raises where it is not available (check ``fused_kernel_applies`` first)."""
     kernel = load_kernel()
     if kernel is None:
-        raise RuntimeError("the fused CPU expert kernel is not available; check fused_kernel_applies() first")
+        raise RuntimeError("the fused CPU kernels are not available; check fused_kernel_applies() first")
     return kernel
 
 
@@ -217,3 +231,104 @@ class _FusedSortedExperts(torch.autograd.Function):
         grad_weights_TK = (in_pair_order(grad_weight_of_row_N, sorted_to_pair_N)
                            .view_as(weights_TK).to(weights_TK.dtype))
         return grad_x_TD, grad_weights_TK, *grad_expert_weights, None, None, None
+
+
+# --- routing: the softmax top-k router and the sort of its pairs ---------------------------
+
+
+def fused_router_applies(x32_TD: torch.Tensor, weight_ED: torch.Tensor) -> bool:
+    """Whether ``SoftmaxTopKRouter`` should route with ``fused_softmax_topk``: fp32 CPU input and gate."""
+    if not _enabled or x32_TD.device.type != "cpu" or x32_TD.dtype != torch.float32 or weight_ED.dtype != torch.float32:
+        return False
+    return load_kernel() is not None
+
+
+class _FusedSoftmaxTopK(torch.autograd.Function):
+    """``logits = x W^T``, ``probs = softmax(logits)``, top-k of ``probs + bias``, gates: one op.
+
+    The same function as ``Router.gate_logits`` + ``SoftmaxTopKRouter.route`` + ``Router.gates``;
+    the backward takes whichever of the logits', probabilities' and gates' gradients arrived
+    (the balancing losses read the first two, the dispatch the third) in one pass per token.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, weight_ED, bias_E, k, normalize):
+        logits_TE, probs_TE, ids_TK, gates_TK = require_kernel().softmax_topk_forward(
+            x_TD, weight_ED, bias_E, k, normalize)
+        ctx.save_for_backward(x_TD, weight_ED, probs_TE, ids_TK, gates_TK)
+        ctx.normalize = normalize
+        ctx.mark_non_differentiable(ids_TK)
+        ctx.set_materialize_grads(False)  # an output no loss read passes None, not a tensor of zeros
+        return logits_TE, probs_TE, ids_TK, gates_TK
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logits_TE, grad_probs_TE, _grad_ids, grad_gates_TK):
+        x_TD, weight_ED, probs_TE, ids_TK, gates_TK = ctx.saved_tensors
+        grad_x_TD, grad_weight_ED = require_kernel().softmax_topk_backward(
+            grad_logits_TE, grad_probs_TE, grad_gates_TK, x_TD, weight_ED, probs_TE, ids_TK, gates_TK, ctx.normalize)
+        return grad_x_TD, grad_weight_ED, None, None, None
+
+
+def fused_softmax_topk(x32_TD: torch.Tensor, weight_ED: torch.Tensor, bias_E: torch.Tensor | None, k: int,
+                       normalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits (T, E), probs (T, E), expert ids (T, K), gates (T, K)) of softmax top-k routing:
+    selection by ``probs + bias``, gates the selected probabilities (renormalised when ``normalize``).
+    The K ids of a token come in descending order of ``probs + bias``."""
+    return _FusedSoftmaxTopK.apply(x32_TD.contiguous(), weight_ED.contiguous(), bias_E, k, normalize)
+
+
+def sort_pairs_by_expert(expert_ids_TK: torch.Tensor, num_experts: int) -> SortedPairs:
+    """``permutation.sort_pairs_by_expert`` for routing without padding slots, as one counting sort."""
+    T, K = expert_ids_TK.shape
+    sorted_to_pair_N, pair_to_sorted_N, tokens_per_expert = require_kernel().sort_pairs_by_expert(
+        expert_ids_TK.contiguous(), num_experts)
+    counts = tokens_per_expert.tolist()
+    return SortedPairs(sorted_to_pair_N, pair_to_sorted_N, tokens_per_expert, counts, T * K, K)
+
+
+def balance_loss_values_apply(routing: RouterOutput, padding_mask: torch.Tensor | None) -> bool:
+    """Whether ``balance_loss_values`` applies: fp32 CPU routing without padding tokens or slots."""
+    if not _enabled or padding_mask is not None or routing.mask_TK is not None:
+        return False
+    scores_TE, logits_TE = routing.scores_TE, routing.logits_TE
+    if scores_TE.device.type != "cpu" or scores_TE.dtype != torch.float32 or logits_TE.dtype != torch.float32:
+        return False
+    return load_kernel() is not None
+
+
+def balance_loss_values(routing: RouterOutput, num_sequences: int) -> dict[str, torch.Tensor]:
+    """The values of ``balance.switch_aux_loss`` (this micro-batch), ``balance.sequence_aux_loss`` and
+    ``balance.router_z_loss``, in one pass and without a graph: for the losses that are only reported."""
+    values = require_kernel().balance_loss_values(routing.scores_TE.detach().contiguous(),
+                                                  routing.expert_ids_TK.contiguous(),
+                                                  routing.logits_TE.detach().contiguous(), num_sequences)
+    return dict(zip(("aux_loss", "seq_aux_loss", "z_loss"), values.unbind(), strict=True))
+
+
+def fused_aux_applies(scores_TE: torch.Tensor) -> bool:
+    """Whether ``balance.switch_aux_loss`` without masks runs as ``fused_switch_aux_loss``: fp32 CPU scores."""
+    if not _enabled or scores_TE.device.type != "cpu" or scores_TE.dtype != torch.float32:
+        return False
+    return load_kernel() is not None
+
+
+class _FusedSwitchAux(torch.autograd.Function):
+    """``balance.switch_aux_loss`` without masks: one pass forward, one backward (closed form)."""
+
+    @staticmethod
+    def forward(ctx, scores_TE, expert_ids_TK):
+        loss, f_E = require_kernel().switch_aux_forward(scores_TE, expert_ids_TK)
+        ctx.save_for_backward(scores_TE, f_E)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        scores_TE, f_E = ctx.saved_tensors
+        return require_kernel().switch_aux_backward(grad, scores_TE, f_E), None
+
+
+def fused_switch_aux_loss(scores_TE: torch.Tensor, expert_ids_TK: torch.Tensor) -> torch.Tensor:
+    """``balance.switch_aux_loss(scores_TE, expert_ids_TK)`` (no masks) with the fused CPU kernel."""
+    return _FusedSwitchAux.apply(scores_TE.contiguous(), expert_ids_TK.contiguous())

@@ -102,12 +102,15 @@ def loop_dispatch(x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLUExpe
 
 def sorted_dispatch(x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLUExperts) -> tuple[
         torch.Tensor, DispatchStats]:
+    if cpu_kernels.fused_sorted_applies(x_TD, routing, experts):
+        # CPU: the sort as one counting sort, and the three steps below as one op, the
+        # permutation folded into the expert kernel
+        pairs = cpu_kernels.sort_pairs_by_expert(routing.expert_ids_TK, experts.num_experts)
+        y_TD = cpu_kernels.fused_sorted_experts(x_TD, routing.weights_TK, experts, pairs)
+        return y_TD, DispatchStats.dropless(pairs.tokens_per_expert)
+
     pairs = sort_pairs_by_expert(routing, experts.num_experts)
     stats = DispatchStats.dropless(pairs.tokens_per_expert)
-    if cpu_kernels.fused_sorted_applies(x_TD, routing, experts):
-        # CPU: the three steps below as one op, the permutation folded into the expert kernel
-        return cpu_kernels.fused_sorted_experts(x_TD, routing.weights_TK, experts, pairs), stats
-
     x_sorted_ND = permute(x_TD, pairs)  # permute: token rows grouped by expert
     out_sorted_ND = experts.forward_grouped(x_sorted_ND, pairs.counts)  # experts: one grouped GEMM
     return unpermute_combine(out_sorted_ND, routing.weights_TK, pairs), stats  # un-permute and combine

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from workbench.moe import balance
+from workbench.moe import balance, cpu_kernels
 from workbench.moe.dispatch import DispatchStats, build_dispatch
 from workbench.moe.experts import SwiGLUExperts, SwiGLUMLP
 from workbench.moe.routers import RouterOutput, build_router
@@ -117,12 +117,21 @@ class MoELayer(nn.Module):
         }
         losses, weighted = {}, routing.logits_TE.new_zeros(())
         for name, weight in cfg.loss_weights.items():
-            # Every raw loss is reported; only the weighted ones need a backward graph.
-            with torch.set_grad_enabled(torch.is_grad_enabled() and weight > 0):
-                losses[name] = compute[name]()
             if weight > 0:
+                losses[name] = compute[name]()
                 weighted = weighted + weight * losses[name]
-        return losses, weighted
+        # Every raw loss is reported; the unweighted ones need no graph. On CPU one kernel pass
+        # gives their values (not the global-batch aux, which counts over the whole step).
+        unweighted = [name for name, weight in cfg.loss_weights.items() if weight == 0]
+        fused = {}
+        if unweighted and cpu_kernels.balance_loss_values_apply(routing, padding_mask_BS):
+            fused = cpu_kernels.balance_loss_values(routing, B)
+            if cfg.aux_loss_scope == "global_batch" and self.training:
+                del fused["aux_loss"]
+        with torch.no_grad():
+            for name in unweighted:
+                losses[name] = fused[name] if name in fused else compute[name]()
+        return {name: losses[name] for name in cfg.loss_weights}, weighted
 
     @torch.no_grad()
     def finish_step(self) -> None:

@@ -68,20 +68,24 @@ def routing_metrics(info: RoutingInfo) -> dict[str, float | list[float]]:
     T, K = routing.expert_ids_TK.shape
     E = routing.scores_TE.shape[1]
     weights_TK = routing.weights_TK
-    if routing.mask_TK is None:
-        assignments_T = torch.full((T,), K, device=weights_TK.device)
+    if routing.mask_TK is None:  # every token has its K assignments: no tensor work needed
+        num_assignments, experts_per_token, unrouted = T * K, float(K), 0.0
     else:
         assignments_T = routing.mask_TK.sum(dim=1)
         weights_TK = weights_TK * routing.mask_TK
+        num_assignments = int(assignments_T.sum())
+        experts_per_token = assignments_T.double().mean().item()
+        unrouted = (assignments_T == 0).double().mean().item()
     out = load_metrics(stats.tokens_per_expert)
-    out["dropped_fraction"] = stats.dropped_assignments.item() / max(1, int(assignments_T.sum()))
+    out["dropped_fraction"] = stats.dropped_assignments.item() / max(1, num_assignments)
     out["dropped_token_fraction"] = stats.dropped_tokens.item() / T
-    dist_TE = routing.scores_TE / routing.scores_TE.sum(dim=-1, keepdim=True)
-    out["router_confidence"] = dist_TE.max(dim=-1).values.mean().item()
+    # max_e (s_te / sum_e s_te) = (max_e s_te) / sum_e s_te: a row's division cannot change its maximum
+    scores_TE = routing.scores_TE
+    out["router_confidence"] = (scores_TE.max(dim=-1).values / scores_TE.sum(dim=-1)).mean().item()
     mass_E = torch.bincount(routing.expert_ids_TK.flatten(), weights=weights_TK.flatten().double(), minlength=E)
     out["gate_mass"] = (mass_E / mass_E.sum().clamp(min=1e-12)).tolist()
-    out["experts_per_token"] = assignments_T.double().mean().item()
-    out["unrouted_token_fraction"] = (assignments_T == 0).double().mean().item()
+    out["experts_per_token"] = experts_per_token
+    out["unrouted_token_fraction"] = unrouted
     return out
 
 

@@ -14,11 +14,13 @@ Shape legend: T tokens, D model dim, E experts, K experts per token, N = T*K tok
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from workbench.moe.routers import RouterOutput
+if TYPE_CHECKING:
+    from workbench.moe.routers import RouterOutput
 
 
 @dataclass

@@ -72,6 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workbench.moe import cpu_kernels
 from workbench.validation import check, check_choice
 
 if TYPE_CHECKING:
@@ -215,8 +216,7 @@ class Router(nn.Module):
         device = x_TD.device.type
         # fp32 routing: under autocast, step out of it (entering the context costs, so only then)
         with torch.autocast(device_type=device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
-            x32_TD = self.jittered(x_TD).float()
-            out = self.route(x32_TD, self.gate_logits(x32_TD), token_ids_T)
+            out = self.gate_and_route(self.jittered(x_TD).float(), token_ids_T)
         if self.route_scale != 1.0:
             out.weights_TK = out.weights_TK * self.route_scale
         return out
@@ -227,6 +227,10 @@ class Router(nn.Module):
         if self.training and self.jitter > 0:
             return x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         return x_TD
+
+    def gate_and_route(self, x32_TD: torch.Tensor, token_ids_T: torch.Tensor | None) -> RouterOutput:
+        """The linear gate, then ``route``: what a router may replace with a fused kernel."""
+        return self.route(x32_TD, self.gate_logits(x32_TD), token_ids_T)
 
     def gate_logits(self, x32_TD: torch.Tensor) -> torch.Tensor:
         return F.linear(x32_TD, self.weight.float())
@@ -281,6 +285,14 @@ class SoftmaxTopKRouter(SoftmaxGatedRouter):
     """
 
     has_selection_bias = True
+
+    def gate_and_route(self, x32_TD, token_ids_T):
+        if cpu_kernels.fused_router_applies(x32_TD, self.weight):
+            # CPU: the gate, softmax, top-k and gates below as one op (one pass per token)
+            logits_TE, probs_TE, expert_ids_TK, weights_TK = cpu_kernels.fused_softmax_topk(
+                x32_TD, self.weight, self.bias, self.top_k, self.normalize_topk)
+            return RouterOutput(expert_ids_TK, weights_TK, probs_TE, logits_TE)
+        return super().gate_and_route(x32_TD, token_ids_T)
 
     def select(self, logits_TE, probs_TE, token_ids_T):
         return torch.topk(self.biased(probs_TE), self.top_k, dim=-1, sorted=False).indices
@@ -605,6 +617,10 @@ class CosineRouter(SoftmaxTopKRouter):
         # unit-norm rows on average; only their direction matters
         self.expert_embed = nn.Parameter(torch.randn(cfg.num_experts, cfg.cosine_dim) * cfg.cosine_dim**-0.5)
         self.log_inv_temperature = nn.Parameter(torch.tensor(math.log(1 / self.init_temperature)))
+
+    def gate_and_route(self, x32_TD: torch.Tensor, token_ids_T: torch.Tensor | None) -> RouterOutput:
+        """The linear gate, then ``route``: what a router may replace with a fused kernel."""
+        return self.route(x32_TD, self.gate_logits(x32_TD), token_ids_T)
 
     def gate_logits(self, x32_TD: torch.Tensor) -> torch.Tensor:
         tokens_TP = F.normalize(F.linear(x32_TD, self.weight.float()), dim=-1)

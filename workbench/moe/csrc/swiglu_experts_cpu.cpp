@@ -12,7 +12,7 @@
 // depend on timing: the partition is fixed by the counts. workbench/moe/cpu_kernels.py builds
 // this file; the tests check it against the readable reference.
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <ATen/Parallel.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -199,9 +199,4 @@ std::vector<Tensor> swiglu_experts_backward(const Tensor& grad_out, const Tensor
     }
   }
   return {grad_rows, grad_row_weight, grad_w1, grad_w3, grad_w2};
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("swiglu_experts_forward", &swiglu_experts_forward, "fused SwiGLU experts, forward (CPU)");
-  m.def("swiglu_experts_backward", &swiglu_experts_backward, "fused SwiGLU experts, backward (CPU)");
 }

@@ -1,0 +1,193 @@
+"""The fused CPU routing kernels compute the readable reference's functions, whatever the threads.
+
+Each test runs the same call with the kernel on and off (``cpu_kernels.fused_cpu_kernel``): the
+softmax top-k router (gate, softmax, selection, gates, and the backward of all of them), the
+counting sort of the token-expert pairs, the Switch auxiliary loss with its gradient, and the
+values of the losses that are only reported. Tolerances: 1e-5 relative for values, 1e-4 for
+gradients (fp32); selections must be identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from workbench.config import preset
+from workbench.moe import balance, cpu_kernels
+from workbench.moe.layer import MoELayer
+from workbench.moe.permutation import sort_pairs_by_expert
+from workbench.moe.routers import RouterOutput, build_router
+
+needs_kernel = pytest.mark.skipif(not cpu_kernels.kernel_available(),
+                                  reason="the fused CPU kernels cannot be built here (no C++ compiler?)")
+pytestmark = needs_kernel
+
+
+@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
+def threads(request):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
+def both_ways(fn):
+    """fn() with the fused kernels, then without them."""
+    results = []
+    for enabled in (True, False):
+        with cpu_kernels.fused_cpu_kernel(enabled):
+            results.append(fn())
+    return results
+
+
+def in_expert_order(ids_TK: torch.Tensor, values_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A token's K slots sorted by expert id: the kernel and torch.topk may list them in other orders."""
+    order = ids_TK.argsort(dim=1)
+    return ids_TK.gather(1, order), values_TK.gather(1, order)
+
+
+ROUTER_CASES = {
+    "softmax top-2, renormalised": dict(router="softmax_topk", top_k=2),
+    "softmax top-3, raw probabilities, selection bias": dict(router="softmax_topk", top_k=3, normalize_topk=False,
+                                                             bias_update_rate=0.01),
+    "switch (top-1), route scale": dict(router="switch", top_k=1, route_scale=2.5),
+    "softmax top-2 of 16 experts, odd width": dict(router="softmax_topk", top_k=2, num_experts=16),
+}
+
+
+@pytest.mark.parametrize("case", ROUTER_CASES, ids=list(ROUTER_CASES))
+def test_fused_router_equals_the_reference_forward_and_backward(case, threads):
+    fields = ROUTER_CASES[case]
+    D = 37 if "odd" in case else 64
+    cfg = replace(preset("tiny").moe, **fields)
+    torch.manual_seed(0)
+    router = build_router(D, cfg).train()
+    if router.bias is not None:
+        router.bias.copy_(torch.randn(cfg.num_experts) * 0.05)  # a bias that changes selections
+    x = torch.randn(1500, D) * 2
+    K, E = cfg.top_k, cfg.num_experts
+    grads = [torch.randn(1500, E), torch.randn(1500, K), torch.randn(1500, E)]  # probs, gates, logits
+
+    def run():
+        x_leaf = x.clone().requires_grad_()
+        router.weight.grad = None
+        out = router(x_leaf)
+        ids, weights = in_expert_order(out.expert_ids_TK, out.weights_TK)
+        loss = (out.scores_TE * grads[0]).sum() + (weights * grads[1]).sum() + (out.logits_TE * grads[2]).sum()
+        loss.backward()
+        return ids, weights, out.scores_TE, out.logits_TE, x_leaf.grad, router.weight.grad.clone()
+
+    fused, reference = both_ways(run)
+    assert torch.equal(fused[0], reference[0]), "the fused router selected other experts"
+    for name, a, b, tol in zip(["gates", "scores", "logits", "grad x", "grad weight"], fused[1:], reference[1:],
+                               [1e-5, 1e-5, 1e-5, 1e-4, 1e-4], strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item(), msg=name)
+
+
+def test_fused_router_passes_gradient_only_to_the_outputs_used(threads):
+    """An output no loss reads sends no gradient (the kernel gets None, not zeros): gates alone, then probabilities alone."""
+    cfg = preset("tiny").moe
+    router = build_router(32, cfg).train()
+    x = torch.randn(300, 32)
+    for pick in (lambda o: o.weights_TK.square().sum(), lambda o: (o.scores_TE ** 3).sum()):
+        def run(pick=pick):
+            x_leaf = x.clone().requires_grad_()
+            (gx,) = torch.autograd.grad(pick(router(x_leaf)), [x_leaf])
+            return gx
+        fused, reference = both_ways(run)
+        torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_the_fused_router_is_taken_only_where_it_applies():
+    """fp32 CPU input and gate: yes; a bf16 gate: the readable path."""
+    router = build_router(16, preset("tiny").moe)
+    x = torch.randn(10, 16)
+    assert cpu_kernels.fused_router_applies(x, router.weight)
+    assert not cpu_kernels.fused_router_applies(x, router.weight.bfloat16())
+    assert not cpu_kernels.fused_router_applies(x.double(), router.weight)
+    with cpu_kernels.fused_cpu_kernel(False):
+        assert not cpu_kernels.fused_router_applies(x, router.weight)
+
+
+def test_counting_sort_equals_the_stable_argsort():
+    torch.manual_seed(1)
+    E = 7
+    ids_TK = torch.randint(0, E, (513, 3))
+    ids_TK[:, 0] = 2  # a crowded expert, and (with E = 7 and few draws elsewhere) maybe empty ones
+    routing = RouterOutput(ids_TK, torch.rand(513, 3), torch.rand(513, E), torch.randn(513, E))
+    fused = cpu_kernels.sort_pairs_by_expert(ids_TK, E)
+    reference = sort_pairs_by_expert(routing, E)
+    assert torch.equal(fused.sorted_to_pair_N, reference.sorted_to_pair_N)
+    assert torch.equal(fused.pair_to_sorted_N, reference.pair_to_sorted_N)
+    assert torch.equal(fused.tokens_per_expert, reference.tokens_per_expert)
+    assert fused.counts == reference.counts and fused.num_valid == reference.num_valid == 513 * 3
+
+
+def test_counting_sort_refuses_an_out_of_range_expert():
+    with pytest.raises(RuntimeError, match="expert id 9 out of range"):
+        cpu_kernels.sort_pairs_by_expert(torch.tensor([[0, 9]]), 8)
+
+
+@pytest.mark.parametrize("scores", ["softmax", "sigmoid"])
+def test_fused_switch_aux_loss_equals_the_reference_value_and_gradient(scores):
+    torch.manual_seed(2)
+    logits = torch.randn(777, 8) * 2
+    s = (logits.softmax(-1) if scores == "softmax" else logits.sigmoid()).requires_grad_()
+    ids = torch.randint(0, 8, (777, 2))
+
+    def run():
+        s.grad = None
+        loss = balance.switch_aux_loss(s, ids)
+        (0.37 * loss).backward()
+        return loss.detach(), s.grad.clone()
+
+    (loss_f, grad_f), (loss_r, grad_r) = both_ways(run)
+    torch.testing.assert_close(loss_f, loss_r, rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad_f, grad_r, rtol=1e-4, atol=1e-4 * grad_r.abs().max().item())
+
+
+@pytest.mark.parametrize("router", ["softmax_topk", "sigmoid"])
+def test_reported_loss_values_equal_the_reference_functions(router):
+    torch.manual_seed(3)
+    cfg = replace(preset("tiny").moe, router=router)
+    B, S = 6, 40
+    out = build_router(32, cfg)(torch.randn(B * S, 32) * 3)
+    values = cpu_kernels.balance_loss_values(out, B)
+    with cpu_kernels.fused_cpu_kernel(False):
+        reference = {
+            "aux_loss": balance.switch_aux_loss(out.scores_TE, out.expert_ids_TK),
+            "seq_aux_loss": balance.sequence_aux_loss(out.scores_TE.view(B, S, -1), out.expert_ids_TK.view(B, S, -1)),
+            "z_loss": balance.router_z_loss(out.logits_TE),
+        }
+    assert values.keys() == reference.keys()
+    for name, value in values.items():
+        torch.testing.assert_close(value, reference[name].detach(), rtol=1e-5, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("weights", [dict(), dict(aux_loss_weight=0.0, seq_aux_loss_weight=0.1, z_loss_weight=1e-3),
+                                     dict(aux_loss_scope="global_batch", aux_loss_weight=0.0, z_loss_weight=1e-3)],
+                         ids=["aux weighted", "seq and z weighted", "global-batch aux reported"])
+def test_the_layer_reports_and_weights_the_same_losses_with_and_without_kernels(weights):
+    """Whichever losses carry weight, the layer's raw losses, weighted loss and their gradient agree.
+    Two micro-batches: the second's global-batch aux counts both, so it differs from the Switch loss."""
+    cfg = replace(preset("tiny").moe, **weights)
+    torch.manual_seed(4)
+    layer = MoELayer(32, cfg).train()
+    x = torch.randn(2, 4, 50, 32)
+
+    def run():
+        layer.zero_grad()
+        layer.aux_counts_since_step.zero_()
+        layer(x[0])
+        _, info = layer(x[1])
+        info.weighted_loss.backward()
+        return {k: v.detach() for k, v in info.losses.items()}, info.weighted_loss.detach(), layer.router.weight.grad
+
+    (losses_f, weighted_f, grad_f), (losses_r, weighted_r, grad_r) = both_ways(run)
+    assert list(losses_f) == list(losses_r) == ["aux_loss", "seq_aux_loss", "z_loss"]
+    for name in losses_r:
+        torch.testing.assert_close(losses_f[name], losses_r[name], rtol=1e-5, atol=0, msg=name)
+    torch.testing.assert_close(weighted_f, weighted_r, rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad_f, grad_r, rtol=1e-4, atol=1e-4 * grad_r.abs().max().item())
