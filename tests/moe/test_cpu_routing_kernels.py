@@ -87,7 +87,8 @@ def test_fused_router_equals_the_reference_forward_and_backward(case, threads):
 
 
 def test_fused_router_passes_gradient_only_to_the_outputs_used(threads):
-    """An output no loss reads sends no gradient (the kernel gets None, not zeros): gates alone, then probabilities alone."""
+    """An output no loss reads sends no gradient (the kernel gets None, not zeros): gates alone,
+    then probabilities alone."""
     cfg = preset("tiny").moe
     router = build_router(32, cfg).train()
     x = torch.randn(300, 32)

@@ -49,7 +49,8 @@ if TYPE_CHECKING:
     from workbench.moe.routers import RouterOutput
 
 # the kernels and their bindings, built as one extension
-_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("swiglu_experts_cpu.cpp", "routing_cpu.cpp", "extension.cpp")]
+_SOURCES = [Path(__file__).parent / "csrc" / name
+            for name in ("swiglu_experts_cpu.cpp", "routing_cpu.cpp", "extension.cpp")]
 _ENV_SWITCH = "WORKBENCH_FUSED_CPU"
 
 _enabled = os.environ.get(_ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
@@ -107,8 +108,8 @@ def load_kernel() -> ModuleType | None:
         name = _extension_name()
         build_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
         if not (build_dir / f"{name}.so").exists():
-            print(f"workbench: building the fused CPU kernels in {build_dir} "
-                  "(once per environment, torch version and kernel source, about a minute)", file=sys.stderr, flush=True)
+            print(f"workbench: building the fused CPU kernels in {build_dir} (once per environment, "
+                  "torch version and kernel source, about a minute)", file=sys.stderr, flush=True)
         try:
             build_dir.mkdir(parents=True, exist_ok=True)
             # Compile a copy kept in the build folder: its path is the same for every checkout
