@@ -44,9 +44,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_FAULT, f"{self.prog}: error: {message}\n")
 
 
-def _usage_error(prog: str, message: str) -> typing.NoReturn:
+def fail(prog: str, message: Any) -> int:
+    """Print ``<prog>: error: <message>`` as one line and return the bad-input exit status; every
+    subcommand (training, bench, parity) reports refused input this way."""
     print(f"{prog}: error: {_one_line(message)}", file=sys.stderr)
-    raise SystemExit(EXIT_FAULT)
+    return EXIT_FAULT
+
+
+def _usage_error(prog: str, message: str) -> typing.NoReturn:
+    raise SystemExit(fail(prog, message))
 
 
 def _one_line(message: Any) -> str:

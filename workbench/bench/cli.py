@@ -7,11 +7,10 @@ line on stderr naming it, exit status 2.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
-from workbench.cli import write_json
+from workbench.cli import fail, write_json
 from workbench.validation import check
 
 _FORMAT = argparse.ArgumentDefaultsHelpFormatter
@@ -78,11 +77,6 @@ def add_parsers(which: argparse._SubParsersAction) -> None:
     dv.add_argument("--file", type=Path, default=None, help="an edited copy of devices.yaml")
 
 
-def _fail(prog: str, message: Any) -> int:
-    print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
-    return 2
-
-
 def run_throughput_command(args: argparse.Namespace) -> int:
     from workbench.bench import harness
 
@@ -107,7 +101,7 @@ def run_throughput_command(args: argparse.Namespace) -> int:
         else:
             cfg = harness.ThroughputConfig(base=base, **fields)
     except ValueError as err:
-        return _fail(prog, err)
+        return fail(prog, err)
     if not args.no_allocator_tuning:
         from workbench.runtime import tune_cpu_allocator
 
@@ -120,7 +114,7 @@ def run_throughput_command(args: argparse.Namespace) -> int:
         if figure is not None:
             _figure(results, figure)
     except OSError as err:
-        return _fail(prog, f"could not write: {err}")
+        return fail(prog, f"could not write: {err}")
     return 0
 
 
@@ -156,7 +150,7 @@ def run_model_command(args: argparse.Namespace) -> int:
         df = prediction_table(list(args.shapes), list(args.devices), ep=args.ep, tokens=args.tokens,
                               dtype=args.dtype, device_table=table, overlap=args.overlap)
     except (ValueError, OSError) as err:
-        return _fail(prog, err)
+        return fail(prog, err)
     print(f"predicted training throughput per device, EP={args.ep}, {args.dtype}; low / table / high ends of the "
           "device bands (contested Ascend figures give the widest)")
     print(f"{'shape':<24} {'device':<12} {'tokens/s (low-high)':>26} {'MFU (low-high)':>20} {'a2a share':>9}")
@@ -188,7 +182,7 @@ def run_model_command(args: argparse.Namespace) -> int:
             ax.figure.savefig(args.figure, dpi=110)
             print(f"wrote {args.figure}")
     except OSError as err:
-        return _fail(prog, f"could not write: {err}")
+        return fail(prog, f"could not write: {err}")
     return 0
 
 
@@ -198,7 +192,7 @@ def run_devices_command(args: argparse.Namespace) -> int:
     try:
         table = pm.load_devices(str(args.file) if args.file else None)
     except (ValueError, OSError) as err:
-        return _fail("workbench bench devices", err)
+        return fail("workbench bench devices", err)
     for dev in table.values():
         print(f"{dev.key}: {dev.name} (node of {dev.node_size})")
         for name, f in dev.figures.items():

@@ -237,11 +237,16 @@ class _FusedSortedExperts(torch.autograd.Function):
 # --- routing: the softmax top-k router and the sort of its pairs ---------------------------
 
 
-def fused_router_applies(x32_TD: torch.Tensor, weight_ED: torch.Tensor) -> bool:
-    """Whether ``SoftmaxTopKRouter`` should route with ``fused_softmax_topk``: fp32 CPU input and gate."""
-    if not _enabled or x32_TD.device.type != "cpu" or x32_TD.dtype != torch.float32 or weight_ED.dtype != torch.float32:
+def _fp32_cpu_kernel_applies(*tensors: torch.Tensor) -> bool:
+    """The routing kernels' common condition: switched on, built, and every tensor fp32 on the CPU."""
+    if not _enabled or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
         return False
     return load_kernel() is not None
+
+
+def fused_router_applies(x32_TD: torch.Tensor, weight_ED: torch.Tensor) -> bool:
+    """Whether ``SoftmaxTopKRouter`` should route with ``fused_softmax_topk``: fp32 CPU input and gate."""
+    return _fp32_cpu_kernel_applies(x32_TD, weight_ED)
 
 
 class _FusedSoftmaxTopK(torch.autograd.Function):
@@ -290,12 +295,8 @@ def sort_pairs_by_expert(expert_ids_TK: torch.Tensor, num_experts: int) -> Sorte
 
 def balance_loss_values_apply(routing: RouterOutput, padding_mask: torch.Tensor | None) -> bool:
     """Whether ``balance_loss_values`` applies: fp32 CPU routing without padding tokens or slots."""
-    if not _enabled or padding_mask is not None or routing.mask_TK is not None:
-        return False
-    scores_TE, logits_TE = routing.scores_TE, routing.logits_TE
-    if scores_TE.device.type != "cpu" or scores_TE.dtype != torch.float32 or logits_TE.dtype != torch.float32:
-        return False
-    return load_kernel() is not None
+    unpadded = padding_mask is None and routing.mask_TK is None
+    return unpadded and _fp32_cpu_kernel_applies(routing.scores_TE, routing.logits_TE)
 
 
 def balance_loss_values(routing: RouterOutput, num_sequences: int) -> dict[str, torch.Tensor]:
@@ -309,9 +310,7 @@ def balance_loss_values(routing: RouterOutput, num_sequences: int) -> dict[str, 
 
 def fused_aux_applies(scores_TE: torch.Tensor) -> bool:
     """Whether ``balance.switch_aux_loss`` without masks runs as ``fused_switch_aux_loss``: fp32 CPU scores."""
-    if not _enabled or scores_TE.device.type != "cpu" or scores_TE.dtype != torch.float32:
-        return False
-    return load_kernel() is not None
+    return _fp32_cpu_kernel_applies(scores_TE)
 
 
 class _FusedSwitchAux(torch.autograd.Function):

@@ -8,10 +8,9 @@ install command.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from workbench.cli import write_json
+from workbench.cli import fail, write_json
 
 _PARITY_DESCRIPTION = """\
 Check that the MindSpore model computes what the PyTorch model computes, on the same weights and
@@ -53,17 +52,12 @@ def add_bench(which: argparse._SubParsersAction) -> None:
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
 
 
-def _fail(prog: str, message: str) -> int:
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    return 2
-
-
 def run_parity(args: argparse.Namespace) -> int:
     prog = "workbench parity"
     try:
         from workbench.ms.parity import MODES, parity_config, run_parity
     except ImportError as err:
-        return _fail(prog, str(err))
+        return fail(prog, err)
     try:
         if args.mode not in MODES:
             raise ValueError(f"--mode={args.mode!r} is invalid: allowed values are {', '.join(MODES)}")
@@ -76,7 +70,7 @@ def run_parity(args: argparse.Namespace) -> int:
 
         check_supported(cfg)
     except ValueError as err:
-        return _fail(prog, str(err))
+        return fail(prog, err)
     print(f"parity: preset {args.preset}, router {args.router}, dispatch {args.dispatch}, MindSpore {args.mode}",
           flush=True)
     report = run_parity(cfg, mode=args.mode, seed=args.seed, batch_size=args.batch_size,
@@ -94,13 +88,13 @@ def run_bench(args: argparse.Namespace) -> int:
 
         require_mindspore()
     except ImportError as err:
-        return _fail(prog, str(err))
+        return fail(prog, err)
     try:
         result = run_mindspore_bench(args.preset, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                                      rounds=args.rounds, modes=tuple(m for m in args.modes.split(",") if m),
                                      log=lambda line: print(line, flush=True))
     except ValueError as err:
-        return _fail(prog, str(err))
+        return fail(prog, err)
     print(format_mindspore_bench(result))
     write_json(args.json, result)
     return 0

@@ -279,6 +279,32 @@ std::vector<Tensor> sort_pairs_by_expert(const Tensor& ids, int64_t num_experts)
 }
 
 
+namespace {
+
+void check_ids(const Tensor& ids, const Tensor& scores) {
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 2 && ids.is_contiguous() && ids.size(0) == scores.size(0),
+              "fused routing: ids must be a contiguous (T, K) int64 tensor");
+}
+
+// Adds the assignments of tokens [begin, end) to count (E,) and their scores, normalised to sum to
+// one per token (balance._as_distribution), to mass (E,): the f and P of the balancing losses.
+void add_counts_and_mass(const float* sp, const int64_t* ip, int64_t begin, int64_t end, int64_t E, int64_t K,
+                         double* count, double* mass) {
+  for (int64_t t = begin; t < end; ++t) {
+    const float* s = sp + t * E;
+    double sigma = 0.0;
+    for (int64_t e = 0; e < E; ++e) sigma += s[e];
+    for (int64_t e = 0; e < E; ++e) mass[e] += s[e] / sigma;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t e = ip[t * K + k];
+      TORCH_CHECK(e >= 0 && e < E, "fused routing: expert id ", e, " out of range [0, ", E, ")");
+      count[e] += 1.0;
+    }
+  }
+}
+
+}  // namespace
+
 // The values of the three balancing losses of workbench/moe/balance.py for routing without
 // padding, in one pass and without a graph: what the layer reports for the losses that carry
 // no weight (weighted ones take the autograd path). scores (T, E) as the router gave them (a
@@ -291,8 +317,7 @@ std::vector<Tensor> sort_pairs_by_expert(const Tensor& ids, int64_t num_experts)
 Tensor balance_loss_values(const Tensor& scores, const Tensor& ids, const Tensor& logits, int64_t num_sequences) {
   check_float_matrix(scores, "scores");
   check_float_matrix(logits, "logits");
-  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 2 && ids.is_contiguous() && ids.size(0) == scores.size(0),
-              "fused routing: ids must be a contiguous (T, K) int64 tensor");
+  check_ids(ids, scores);
   const int64_t T = scores.size(0), E = scores.size(1), K = ids.size(1), B = num_sequences;
   TORCH_CHECK(logits.sizes() == scores.sizes(), "fused routing: logits must be shaped like scores");
   TORCH_CHECK(B >= 1 && T % B == 0, "fused routing: ", T, " tokens are not ", B, " sequences of equal length");
@@ -300,36 +325,27 @@ Tensor balance_loss_values(const Tensor& scores, const Tensor& ids, const Tensor
   const float *sp = scores.data_ptr<float>(), *lp = logits.data_ptr<float>();
   const int64_t* ip = ids.data_ptr<int64_t>();
   std::vector<double> count(E), mass(E), seq_count(E), seq_mass(E);
-  double seq_loss = 0.0, z_sum = 0.0;
+  double seq_loss = 0.0;
   for (int64_t b = 0; b < B; ++b) {
     std::fill(seq_count.begin(), seq_count.end(), 0.0);
     std::fill(seq_mass.begin(), seq_mass.end(), 0.0);
-    for (int64_t t = b * S; t < (b + 1) * S; ++t) {
-      const float* s = sp + t * E;
-      const float* l = lp + t * E;
-      double total = 0.0;
-      float m = l[0];
-      for (int64_t e = 0; e < E; ++e) total += s[e], m = std::max(m, l[e]);
-      for (int64_t e = 0; e < E; ++e) seq_mass[e] += s[e] / total;
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t e = ip[t * K + k];
-        TORCH_CHECK(e >= 0 && e < E, "fused routing: expert id ", e, " out of range [0, ", E, ")");
-        seq_count[e] += 1.0;
-      }
-      double exp_sum = 0.0;
-      for (int64_t e = 0; e < E; ++e) exp_sum += std::exp(static_cast<double>(l[e]) - m);
-      const double lse = m + std::log(exp_sum);
-      z_sum += lse * lse;
-    }
-    double loss_b = 0.0;
+    add_counts_and_mass(sp, ip, b * S, (b + 1) * S, E, K, seq_count.data(), seq_mass.data());
     for (int64_t e = 0; e < E; ++e) {
-      loss_b += seq_count[e] * E / (static_cast<double>(K) * S) * (seq_mass[e] / S);
+      seq_loss += seq_count[e] * E / (static_cast<double>(K) * S) * (seq_mass[e] / S);
       count[e] += seq_count[e], mass[e] += seq_mass[e];
     }
-    seq_loss += loss_b;
   }
   double aux = 0.0;
   for (int64_t e = 0; e < E; ++e) aux += count[e] / (static_cast<double>(T) * K) * (mass[e] / T);
+  double z_sum = 0.0;
+  for (int64_t t = 0; t < T; ++t) {
+    const float* l = lp + t * E;
+    const float m = *std::max_element(l, l + E);
+    double exp_sum = 0.0;
+    for (int64_t e = 0; e < E; ++e) exp_sum += std::exp(static_cast<double>(l[e]) - m);
+    const double lse = m + std::log(exp_sum);
+    z_sum += lse * lse;
+  }
   Tensor out = at::empty({3}, scores.options());
   float* op = out.data_ptr<float>();
   op[0] = static_cast<float>(E * aux), op[1] = static_cast<float>(seq_loss / B), op[2] = static_cast<float>(z_sum / T);
@@ -342,23 +358,10 @@ Tensor balance_loss_values(const Tensor& scores, const Tensor& ids, const Tensor
 // (f_e - sum_j f_j s_tj / sigma_t) / sigma_t, the quotient rule of s_te / sigma_t.
 std::vector<Tensor> switch_aux_forward(const Tensor& scores, const Tensor& ids) {
   check_float_matrix(scores, "scores");
-  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 2 && ids.is_contiguous() && ids.size(0) == scores.size(0),
-              "fused routing: ids must be a contiguous (T, K) int64 tensor");
+  check_ids(ids, scores);
   const int64_t T = scores.size(0), E = scores.size(1), K = ids.size(1);
-  const float* sp = scores.data_ptr<float>();
-  const int64_t* ip = ids.data_ptr<int64_t>();
   std::vector<double> count(E), mass(E);
-  for (int64_t t = 0; t < T; ++t) {
-    const float* s = sp + t * E;
-    double sigma = 0.0;
-    for (int64_t e = 0; e < E; ++e) sigma += s[e];
-    for (int64_t e = 0; e < E; ++e) mass[e] += s[e] / sigma;
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t e = ip[t * K + k];
-      TORCH_CHECK(e >= 0 && e < E, "fused routing: expert id ", e, " out of range [0, ", E, ")");
-      count[e] += 1.0;
-    }
-  }
+  add_counts_and_mass(scores.data_ptr<float>(), ids.data_ptr<int64_t>(), 0, T, E, K, count.data(), mass.data());
   Tensor f = at::empty({E}, scores.options());
   float* fp = f.data_ptr<float>();
   double loss = 0.0;
