@@ -101,6 +101,36 @@ def test_fused_router_passes_gradient_only_to_the_outputs_used(threads):
         torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("num_experts", [8, 16, 12], ids=["8 experts", "16 experts", "12 experts (scalar path)"])
+def test_router_softmax_holds_over_a_wide_range_of_logits(num_experts):
+    """Logit spreads from 1e-3 to hundreds (where e^x underflows for all but the top experts). The
+    kernel's softmax (a vectorised exp where E is a multiple of 8, else the scalar one) and z-loss
+    value equal torch's on the kernel's own logits, which equal the reference's up to fp32 rounding
+    of the gate's sums. Selections agree wherever the K-th choice is decided: a normal float clearly
+    above the next (below 2^-126 the vectorised exp returns 0 where torch keeps a few bits of a
+    subnormal, so experts that far behind tie, and either may be picked)."""
+    torch.manual_seed(4)
+    K = 2
+    cfg = replace(preset("tiny").moe, num_experts=num_experts, top_k=K)
+    router = build_router(32, cfg).train()
+    x = torch.randn(600, 32) * torch.logspace(-3, 2.5, 600).unsqueeze(1)
+    with torch.no_grad():
+        fused, reference = both_ways(lambda: router(x))
+    assert (reference.logits_TE.max(1).values - reference.logits_TE.min(1).values).max() > 200
+    # a dot product's rounding error scales with sum_d |x_d w_d|, not with the (cancelling) result
+    rounding_scale_TE = x.abs() @ router.weight.detach().abs().t()
+    assert ((fused.logits_TE - reference.logits_TE).abs() <= 1e-5 * rounding_scale_TE).all()
+    torch.testing.assert_close(fused.scores_TE, fused.logits_TE.softmax(dim=1), rtol=1e-5, atol=1e-30)
+    z_fused = cpu_kernels.balance_loss_values(fused, 6)["z_loss"]
+    torch.testing.assert_close(z_fused, balance.router_z_loss(fused.logits_TE), rtol=1e-5, atol=0)
+    ranked = reference.scores_TE.sort(dim=1, descending=True).values
+    kth, next_best = ranked[:, K - 1], ranked[:, K]
+    decided = (kth > torch.finfo(torch.float32).tiny) & (kth - next_best > 1e-3 * kth)
+    assert decided.float().mean() > 0.8
+    ids_fused, ids_reference = (in_expert_order(out.expert_ids_TK, out.weights_TK)[0] for out in (fused, reference))
+    assert torch.equal(ids_fused[decided], ids_reference[decided])
+
+
 def test_the_fused_router_is_taken_only_where_it_applies():
     """fp32 CPU input and gate: yes; a bf16 gate: the readable path."""
     router = build_router(16, preset("tiny").moe)

@@ -18,7 +18,12 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <utility>
 #include <vector>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 using at::Tensor;
 
@@ -106,12 +111,149 @@ bool has_avx2() {
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return yes;
 }
+
+// Lane i of the result is the sum of the 8 lanes of v[i].
+__attribute__((target("avx2,fma"))) inline __m256 transpose_sum8(const __m256* v) {
+  const __m256 sums0123 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 sums4567 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  // each 128-bit half now holds 4 partial sums (low half: lanes 0-3 of v[i], high half: lanes 4-7)
+  return _mm256_add_ps(_mm256_permute2f128_ps(sums0123, sums4567, 0x20),
+                       _mm256_permute2f128_ps(sums0123, sums4567, 0x31));
+}
+
+// The two products of the gate for E and D multiples of 8, eight experts at a time: a token's
+// row is read once per eight experts, and the eight dot products are summed across lanes together.
+__attribute__((target("avx2,fma"))) void gate_logits_by8(const float* x, const float* w, int64_t begin, int64_t end,
+                                                        int64_t D, int64_t E, float* logits) {
+  for (int64_t t = begin; t < end; ++t) {
+    const float* xt = x + t * D;
+    for (int64_t e0 = 0; e0 < E; e0 += 8) {
+      const float* w0 = w + e0 * D;
+      __m256 acc[8];
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 8) {
+        const __m256 xv = _mm256_loadu_ps(xt + d);
+        for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w0 + j * D + d), acc[j]);
+      }
+      _mm256_storeu_ps(logits + t * E + e0, transpose_sum8(acc));
+    }
+  }
+}
+
+// grad_x[t] = sum_e dl[t, e] w[e] with a token's eight gradients held in registers, and
+// grad_w[e] += sum_t dl[t, e] x[t] four tokens per pass over grad_w (in token order, as the
+// generic loop sums).
+__attribute__((target("avx2,fma"))) void gate_backward_by8(const float* dl, const float* x, const float* w,
+                                                          int64_t begin, int64_t end, int64_t D, int64_t E,
+                                                          float* grad_x, float* grad_w) {
+  for (int64_t t = begin; t < end; ++t) {
+    float* gx = grad_x + t * D;
+    for (int64_t e0 = 0; e0 < E; e0 += 8) {
+      __m256 de[8];
+      for (int j = 0; j < 8; ++j) de[j] = _mm256_set1_ps(dl[t * E + e0 + j]);
+      for (int64_t d = 0; d < D; d += 8) {
+        __m256 acc = e0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(gx + d);
+        for (int j = 0; j < 8; ++j) acc = _mm256_fmadd_ps(de[j], _mm256_loadu_ps(w + (e0 + j) * D + d), acc);
+        _mm256_storeu_ps(gx + d, acc);
+      }
+    }
+  }
+  int64_t t = begin;
+  for (; t + 4 <= end; t += 4) {
+    const float* xt = x + t * D;
+    for (int64_t e = 0; e < E; ++e) {
+      const __m256 d0 = _mm256_set1_ps(dl[t * E + e]), d1 = _mm256_set1_ps(dl[(t + 1) * E + e]);
+      const __m256 d2 = _mm256_set1_ps(dl[(t + 2) * E + e]), d3 = _mm256_set1_ps(dl[(t + 3) * E + e]);
+      float* gw = grad_w + e * D;
+      for (int64_t d = 0; d < D; d += 8) {
+        __m256 acc = _mm256_fmadd_ps(d0, _mm256_loadu_ps(xt + d), _mm256_loadu_ps(gw + d));
+        acc = _mm256_fmadd_ps(d1, _mm256_loadu_ps(xt + D + d), acc);
+        acc = _mm256_fmadd_ps(d2, _mm256_loadu_ps(xt + 2 * D + d), acc);
+        acc = _mm256_fmadd_ps(d3, _mm256_loadu_ps(xt + 3 * D + d), acc);
+        _mm256_storeu_ps(gw + d, acc);
+      }
+    }
+  }
+  for (; t < end; ++t) {
+    for (int64_t e = 0; e < E; ++e) {
+      const __m256 de = _mm256_set1_ps(dl[t * E + e]);
+      float* gw = grad_w + e * D;
+      for (int64_t d = 0; d < D; d += 8) {
+        _mm256_storeu_ps(gw + d, _mm256_fmadd_ps(de, _mm256_loadu_ps(x + t * D + d), _mm256_loadu_ps(gw + d)));
+      }
+    }
+  }
+}
+
+// e^x of 8 floats, the Cephes expf scheme: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two
+// for an exact r), e^r = 1 + r + r^2 P(r) with P of degree 5, and 2^n put in the exponent bits.
+// About 1 ulp; below -87.3 (where e^x leaves the normal floats) it returns 0.
+__attribute__((target("avx2,fma"))) inline __m256 exp8(__m256 x) {
+  const __m256 lowest = _mm256_set1_ps(-87.3f);
+  const __m256 in_range = _mm256_cmp_ps(x, lowest, _CMP_GE_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lowest), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 poly = _mm256_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f}) {
+    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(c));
+  }
+  const __m256 e_r = _mm256_fmadd_ps(poly, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(e_r, _mm256_castsi256_ps(two_n)), in_range);
+}
+
+__attribute__((target("avx2,fma"))) inline float horizontal_max(__m256 v) {
+  v = _mm256_max_ps(v, _mm256_permute2f128_ps(v, v, 1));
+  v = _mm256_max_ps(v, _mm256_shuffle_ps(v, v, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm256_cvtss_f32(_mm256_max_ps(v, _mm256_shuffle_ps(v, v, _MM_SHUFFLE(2, 3, 0, 1))));
+}
+
+__attribute__((target("avx2,fma"))) inline float horizontal_sum(__m256 v) {
+  v = _mm256_add_ps(v, _mm256_permute2f128_ps(v, v, 1));
+  v = _mm256_add_ps(v, _mm256_shuffle_ps(v, v, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm256_cvtss_f32(_mm256_add_ps(v, _mm256_shuffle_ps(v, v, _MM_SHUFFLE(2, 3, 0, 1))));
+}
+
+// p = softmax(l) over one token's E logits, E a multiple of 8; returns (max l, sum e^(l - max)).
+__attribute__((target("avx2,fma"))) std::pair<float, float> softmax_row_avx2(const float* l, float* p, int64_t E) {
+  __m256 m = _mm256_loadu_ps(l);
+  for (int64_t e = 8; e < E; e += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(l + e));
+  const float max = horizontal_max(m);
+  __m256 sum = _mm256_setzero_ps();
+  for (int64_t e = 0; e < E; e += 8) {
+    const __m256 ex = exp8(_mm256_sub_ps(_mm256_loadu_ps(l + e), _mm256_set1_ps(max)));
+    _mm256_storeu_ps(p + e, ex);
+    sum = _mm256_add_ps(sum, ex);
+  }
+  const float total = horizontal_sum(sum);
+  const __m256 inv = _mm256_set1_ps(1.0f / total);
+  for (int64_t e = 0; e < E; e += 8) _mm256_storeu_ps(p + e, _mm256_mul_ps(_mm256_loadu_ps(p + e), inv));
+  return {max, total};
+}
 #else
 bool has_avx2() { return false; }
 #endif
 
+// p = softmax(l) over one token's E logits; returns (max l, sum e^(l - max)) for a logsumexp.
+// The vector path takes E a multiple of 8 (8, 16, 64 experts ...).
+std::pair<float, float> softmax_row(const float* l, float* p, int64_t E) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  if (E % 8 == 0 && has_avx2()) return softmax_row_avx2(l, p, E);
+#endif
+  const float m = *std::max_element(l, l + E);
+  float sum = 0.0f;
+  for (int64_t e = 0; e < E; ++e) sum += (p[e] = std::exp(l[e] - m));
+  const float inv = 1.0f / sum;
+  for (int64_t e = 0; e < E; ++e) p[e] *= inv;
+  return {m, sum};
+}
+
 void gate_logits(const float* x, const float* w, int64_t begin, int64_t end, int64_t D, int64_t E, float* logits) {
 #if defined(__GNUC__) && defined(__x86_64__)
+  if (has_avx2() && E % 8 == 0 && D % 8 == 0) return gate_logits_by8(x, w, begin, end, D, E, logits);
   if (has_avx2()) return gate_logits_avx2(x, w, begin, end, D, E, logits);
 #endif
   gate_logits_impl(x, w, begin, end, D, E, logits);
@@ -120,6 +262,7 @@ void gate_logits(const float* x, const float* w, int64_t begin, int64_t end, int
 void gate_backward(const float* dl, const float* x, const float* w, int64_t begin, int64_t end, int64_t D, int64_t E,
                    float* grad_x, float* grad_w) {
 #if defined(__GNUC__) && defined(__x86_64__)
+  if (has_avx2() && E % 8 == 0 && D % 8 == 0) return gate_backward_by8(dl, x, w, begin, end, D, E, grad_x, grad_w);
   if (has_avx2()) return gate_backward_avx2(dl, x, w, begin, end, D, E, grad_x, grad_w);
 #endif
   gate_backward_impl(dl, x, w, begin, end, D, E, grad_x, grad_w);
@@ -132,13 +275,8 @@ void route_tokens(const float* lp, const float* bp, int64_t begin, int64_t end, 
                   float* pp, int64_t* ip, float* gp) {
   std::vector<float> rank(E);
   for (int64_t t = begin; t < end; ++t) {
-    const float* l = lp + t * E;
     float* p = pp + t * E;
-    const float m = *std::max_element(l, l + E);
-    float sum = 0.0f;
-    for (int64_t e = 0; e < E; ++e) sum += (p[e] = std::exp(l[e] - m));
-    const float inv = 1.0f / sum;
-    for (int64_t e = 0; e < E; ++e) p[e] *= inv;
+    softmax_row(lp + t * E, p, E);
     // top-k by insertion into the K best so far (K is small)
     for (int64_t e = 0; e < E; ++e) rank[e] = bp ? p[e] + bp[e] : p[e];
     int64_t* it = ip + t * k;
@@ -294,7 +432,8 @@ void add_counts_and_mass(const float* sp, const int64_t* ip, int64_t begin, int6
     const float* s = sp + t * E;
     double sigma = 0.0;
     for (int64_t e = 0; e < E; ++e) sigma += s[e];
-    for (int64_t e = 0; e < E; ++e) mass[e] += s[e] / sigma;
+    const double inv_sigma = 1.0 / sigma;
+    for (int64_t e = 0; e < E; ++e) mass[e] += s[e] * inv_sigma;
     for (int64_t k = 0; k < K; ++k) {
       const int64_t e = ip[t * K + k];
       TORCH_CHECK(e >= 0 && e < E, "fused routing: expert id ", e, " out of range [0, ", E, ")");
@@ -337,13 +476,12 @@ Tensor balance_loss_values(const Tensor& scores, const Tensor& ids, const Tensor
   }
   double aux = 0.0;
   for (int64_t e = 0; e < E; ++e) aux += count[e] / (static_cast<double>(T) * K) * (mass[e] / T);
+  // z-loss: logsumexp from the softmax pass (the probabilities go to a scratch row)
   double z_sum = 0.0;
+  std::vector<float> scratch(E);
   for (int64_t t = 0; t < T; ++t) {
-    const float* l = lp + t * E;
-    const float m = *std::max_element(l, l + E);
-    double exp_sum = 0.0;
-    for (int64_t e = 0; e < E; ++e) exp_sum += std::exp(static_cast<double>(l[e]) - m);
-    const double lse = m + std::log(exp_sum);
+    const auto [max, sum] = softmax_row(lp + t * E, scratch.data(), E);
+    const double lse = max + std::log(static_cast<double>(sum));
     z_sum += lse * lse;
   }
   Tensor out = at::empty({3}, scores.options());
