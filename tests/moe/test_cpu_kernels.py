@@ -79,6 +79,25 @@ def test_fused_experts_match_the_reference_for_every_thread_partition(case, thre
 
 
 @needs_kernel
+@pytest.mark.parametrize("scale", [1e-3, 30.0], ids=["gates near 0", "gates up to hundreds (silu saturated)"])
+def test_fused_swiglu_holds_where_the_sigmoid_saturates_or_vanishes(scale):
+    """The kernel's vectorised sigmoid (e^-g clamped where it leaves the floats) against the
+    reference: pre-activations of ~1e-3, and of ~100 where sigmoid is 0 or 1 to fp32; errors
+    relative to the values' size."""
+    counts = [64, 0, 37, 91]
+    experts = make_experts(len(counts), 16, 40)
+    x = torch.randn(sum(counts), 16) * scale
+    gates = torch.cat([x_e @ experts.w1[e] for e, x_e in enumerate(x.split(counts))])
+    assert gates.abs().max() > (50 if scale > 1 else 0)
+    y_ref, g_ref = outputs_and_grads(lambda v: reference_grouped(experts, v, counts), x, experts)
+    y, g = outputs_and_grads(lambda v: cpu_kernels.fused_swiglu_experts(v, experts.w1, experts.w3, experts.w2,
+                                                                         counts), x, experts)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5 * y_ref.abs().max().item())
+    for a, b, what in zip(g, g_ref, ["x", "w1", "w3", "w2"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item(), msg=f"gradient of {what}")
+
+
+@needs_kernel
 @pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
 @pytest.mark.parametrize("E,K", [(8, 2), (4, 1), (6, 3), (1, 1)])
 def test_fused_sorted_dispatch_matches_the_loop_reference(E, K, threads):

@@ -48,9 +48,10 @@ from workbench.moe.permutation import SortedPairs, combine, in_pair_order, sum_r
 if TYPE_CHECKING:
     from workbench.moe.routers import RouterOutput
 
-# the kernels and their bindings, built as one extension
+# the kernels and their bindings, built as one extension, and the header they share
 _SOURCES = [Path(__file__).parent / "csrc" / name
             for name in ("swiglu_experts_cpu.cpp", "routing_cpu.cpp", "extension.cpp")]
+_HEADERS = [Path(__file__).parent / "csrc" / "vec_math.h"]
 _ENV_SWITCH = "WORKBENCH_FUSED_CPU"
 
 _enabled = os.environ.get(_ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
@@ -79,7 +80,7 @@ def _extension_name() -> str:
     in turn, while every other process waited on the build lock. So the interpreter prefix is
     part of the key, and clones that share an environment (and a source) share one build.
     """
-    source_hash = hashlib.sha1(b"".join(source.read_bytes() for source in _SOURCES)).hexdigest()[:10]
+    source_hash = hashlib.sha1(b"".join(source.read_bytes() for source in _SOURCES + _HEADERS)).hexdigest()[:10]
     env_hash = hashlib.sha1(os.path.realpath(sys.prefix).encode()).hexdigest()[:8]
     torch_version = re.sub(r"\W", "_", torch.__version__)
     return f"workbench_cpu_kernels_{torch_version}_{source_hash}_env{env_hash}"
@@ -116,7 +117,8 @@ def load_kernel() -> ModuleType | None:
             # with this source, so two clones in one environment share one build.
             _remove_stale_lock(build_dir / "lock")
             sources = [build_dir / source.name for source in _SOURCES]
-            for original, copy in zip(_SOURCES, sources, strict=True):
+            for original in _SOURCES + _HEADERS:
+                copy = build_dir / original.name
                 if not copy.exists():
                     tmp = copy.with_suffix(f".{os.getpid()}.tmp")
                     tmp.write_bytes(original.read_bytes())

@@ -21,13 +21,16 @@
 #include <utility>
 #include <vector>
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#include <immintrin.h>
-#endif
+#include "vec_math.h"
 
 using at::Tensor;
 
 namespace {
+
+using workbench_simd::has_avx2;
+#ifdef WORKBENCH_X86_SIMD
+using workbench_simd::exp8;
+#endif
 
 // Added to the sum of the selected probabilities before renormalising (routers.py: _GATE_SUM_FLOOR).
 constexpr float kGateSumFloor = 1e-20f;
@@ -97,7 +100,7 @@ __attribute__((always_inline)) inline void gate_backward_impl(const float* dl, c
   }
 }
 
-#if defined(__GNUC__) && defined(__x86_64__)
+#ifdef WORKBENCH_X86_SIMD
 __attribute__((target("avx2,fma"))) void gate_logits_avx2(const float* x, const float* w, int64_t begin, int64_t end,
                                                           int64_t D, int64_t E, float* logits) {
   gate_logits_impl(x, w, begin, end, D, E, logits);
@@ -107,11 +110,6 @@ __attribute__((target("avx2,fma"))) void gate_backward_avx2(const float* dl, con
                                                             float* grad_x, float* grad_w) {
   gate_backward_impl(dl, x, w, begin, end, D, E, grad_x, grad_w);
 }
-bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
-
 // Lane i of the result is the sum of the 8 lanes of v[i].
 __attribute__((target("avx2,fma"))) inline __m256 transpose_sum8(const __m256* v) {
   const __m256 sums0123 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
@@ -185,26 +183,6 @@ __attribute__((target("avx2,fma"))) void gate_backward_by8(const float* dl, cons
   }
 }
 
-// e^x of 8 floats, the Cephes expf scheme: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two
-// for an exact r), e^r = 1 + r + r^2 P(r) with P of degree 5, and 2^n put in the exponent bits.
-// About 1 ulp; below -87.3 (where e^x leaves the normal floats) it returns 0.
-__attribute__((target("avx2,fma"))) inline __m256 exp8(__m256 x) {
-  const __m256 lowest = _mm256_set1_ps(-87.3f);
-  const __m256 in_range = _mm256_cmp_ps(x, lowest, _CMP_GE_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, lowest), _mm256_set1_ps(88.3f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 poly = _mm256_set1_ps(1.9875691500e-4f);
-  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f}) {
-    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(c));
-  }
-  const __m256 e_r = _mm256_fmadd_ps(poly, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_and_ps(_mm256_mul_ps(e_r, _mm256_castsi256_ps(two_n)), in_range);
-}
-
 __attribute__((target("avx2,fma"))) inline float horizontal_max(__m256 v) {
   v = _mm256_max_ps(v, _mm256_permute2f128_ps(v, v, 1));
   v = _mm256_max_ps(v, _mm256_shuffle_ps(v, v, _MM_SHUFFLE(1, 0, 3, 2)));
@@ -233,14 +211,12 @@ __attribute__((target("avx2,fma"))) std::pair<float, float> softmax_row_avx2(con
   for (int64_t e = 0; e < E; e += 8) _mm256_storeu_ps(p + e, _mm256_mul_ps(_mm256_loadu_ps(p + e), inv));
   return {max, total};
 }
-#else
-bool has_avx2() { return false; }
 #endif
 
 // p = softmax(l) over one token's E logits; returns (max l, sum e^(l - max)) for a logsumexp.
 // The vector path takes E a multiple of 8 (8, 16, 64 experts ...).
 std::pair<float, float> softmax_row(const float* l, float* p, int64_t E) {
-#if defined(__GNUC__) && defined(__x86_64__)
+#ifdef WORKBENCH_X86_SIMD
   if (E % 8 == 0 && has_avx2()) return softmax_row_avx2(l, p, E);
 #endif
   const float m = *std::max_element(l, l + E);
@@ -252,7 +228,7 @@ std::pair<float, float> softmax_row(const float* l, float* p, int64_t E) {
 }
 
 void gate_logits(const float* x, const float* w, int64_t begin, int64_t end, int64_t D, int64_t E, float* logits) {
-#if defined(__GNUC__) && defined(__x86_64__)
+#ifdef WORKBENCH_X86_SIMD
   if (has_avx2() && E % 8 == 0 && D % 8 == 0) return gate_logits_by8(x, w, begin, end, D, E, logits);
   if (has_avx2()) return gate_logits_avx2(x, w, begin, end, D, E, logits);
 #endif
@@ -261,7 +237,7 @@ void gate_logits(const float* x, const float* w, int64_t begin, int64_t end, int
 
 void gate_backward(const float* dl, const float* x, const float* w, int64_t begin, int64_t end, int64_t D, int64_t E,
                    float* grad_x, float* grad_w) {
-#if defined(__GNUC__) && defined(__x86_64__)
+#ifdef WORKBENCH_X86_SIMD
   if (has_avx2() && E % 8 == 0 && D % 8 == 0) return gate_backward_by8(dl, x, w, begin, end, D, E, grad_x, grad_w);
   if (has_avx2()) return gate_backward_avx2(dl, x, w, begin, end, D, E, grad_x, grad_w);
 #endif

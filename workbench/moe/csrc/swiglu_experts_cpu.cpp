@@ -28,6 +28,8 @@
 #include <optional>
 #include <vector>
 
+#include "vec_math.h"
+
 using at::Tensor;
 
 namespace {
@@ -95,6 +97,134 @@ void check_inputs(const Tensor& x, const Tensor& token, const Tensor& w1, const 
   }
 }
 
+// The SwiGLU's element-wise steps, each in one pass over a segment's (rows x hidden) block.
+// fp32 on an AVX2 CPU runs the vector loops below; other dtypes and CPUs the ATen ops.
+//     forward:   hidden = silu(gate) * up,  silu(g) = g sigmoid(g)
+//     backward:  hidden (recomputed, for dW2), grad_up = grad_hidden silu(gate),
+//                grad_gate = grad_hidden up sigmoid(g) (1 + g (1 - sigmoid(g)))   (torch's silu_backward)
+
+#ifdef WORKBENCH_X86_SIMD
+__attribute__((target("avx2,fma"))) inline __m256 sigmoid8(__m256 g) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  return _mm256_div_ps(one, _mm256_add_ps(one, workbench_simd::exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+}
+
+__attribute__((target("avx2,fma"))) void swiglu_forward_avx2(const float* gate, const float* up, float* hidden,
+                                                             int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    _mm256_storeu_ps(hidden + i, _mm256_mul_ps(_mm256_mul_ps(g, sigmoid8(g)), _mm256_loadu_ps(up + i)));
+  }
+  for (; i < n; ++i) hidden[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+}
+
+// grad_hidden is overwritten with grad_gate.
+__attribute__((target("avx2,fma"))) void swiglu_backward_avx2(const float* gate, const float* up, float* grad_hidden,
+                                                              float* hidden, float* grad_up, int64_t n) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i), u = _mm256_loadu_ps(up + i), gh = _mm256_loadu_ps(grad_hidden + i);
+    const __m256 s = sigmoid8(g), act = _mm256_mul_ps(g, s);
+    _mm256_storeu_ps(hidden + i, _mm256_mul_ps(act, u));
+    _mm256_storeu_ps(grad_up + i, _mm256_mul_ps(gh, act));
+    const __m256 dsilu = _mm256_mul_ps(s, _mm256_fmadd_ps(g, _mm256_sub_ps(one, s), one));
+    _mm256_storeu_ps(grad_hidden + i, _mm256_mul_ps(_mm256_mul_ps(gh, u), dsilu));
+  }
+  for (; i < n; ++i) {
+    const float g = gate[i], s = 1.0f / (1.0f + std::exp(-g)), act = g * s;
+    hidden[i] = act * up[i];
+    grad_up[i] = grad_hidden[i] * act;
+    grad_hidden[i] = grad_hidden[i] * up[i] * (s * (1.0f + g * (1.0f - s)));
+  }
+}
+#endif
+
+// The upstream gradient of rows [row, row + n) of a weighted combine, in one pass per row:
+//     g[i] = grad_y[token[row + i]] * weight[row + i],  grad_weight[row + i] = <grad_y[token[row + i]], out[row + i]>
+__attribute__((always_inline)) inline void weighted_row_gradients_impl(const float* grad_y, const int64_t* token,
+                                                                       const float* weight, const float* out,
+                                                                       int64_t row, int64_t n, int64_t D, float* g,
+                                                                       float* grad_weight) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float *src = grad_y + token[row + i] * D, *o = out + (row + i) * D;
+    const float w = weight[row + i];
+    float* gi = g + i * D;
+    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t d = 0; d < D; ++d) dot += src[d] * o[d], gi[d] = src[d] * w;
+    grad_weight[row + i] = dot;
+  }
+}
+
+#ifdef WORKBENCH_X86_SIMD
+__attribute__((target("avx2,fma"))) void weighted_row_gradients_avx2(const float* grad_y, const int64_t* token,
+                                                                    const float* weight, const float* out, int64_t row,
+                                                                    int64_t n, int64_t D, float* g, float* grad_weight) {
+  weighted_row_gradients_impl(grad_y, token, weight, out, row, n, D, g, grad_weight);
+}
+#endif
+
+// g (n, D) for the segment's rows; their weights' gradients go to grad_weight.
+Tensor weighted_row_gradients(const Tensor& grad_y, const Tensor& token, const Tensor& weight, const Tensor& out,
+                              int64_t row, int64_t n, Tensor& grad_weight) {
+  if (grad_y.scalar_type() != at::kFloat) {
+    Tensor g = grad_y.index_select(0, token.narrow(0, row, n));
+    Tensor gw = grad_weight.narrow(0, row, n);
+    at::sum_out(gw, g * out.narrow(0, row, n), {1});
+    return g * weight.narrow(0, row, n).unsqueeze(1);
+  }
+  const int64_t D = grad_y.size(1);
+  Tensor g = at::empty({n, D}, grad_y.options());
+  const float *gy = grad_y.data_ptr<float>(), *w = weight.data_ptr<float>(), *o = out.data_ptr<float>();
+  const int64_t* tok = token.data_ptr<int64_t>();
+#ifdef WORKBENCH_X86_SIMD
+  if (workbench_simd::has_avx2()) {
+    weighted_row_gradients_avx2(gy, tok, w, o, row, n, D, g.data_ptr<float>(), grad_weight.data_ptr<float>());
+    return g;
+  }
+#endif
+  weighted_row_gradients_impl(gy, tok, w, o, row, n, D, g.data_ptr<float>(), grad_weight.data_ptr<float>());
+  return g;
+}
+
+bool vector_swiglu(const Tensor& t) {
+#ifdef WORKBENCH_X86_SIMD
+  return t.scalar_type() == at::kFloat && workbench_simd::has_avx2();
+#else
+  return false;
+#endif
+}
+
+// hidden = silu(gate) * up; gate and up are contiguous (rows x H) blocks.
+Tensor swiglu_hidden(const Tensor& gate, const Tensor& up) {
+#ifdef WORKBENCH_X86_SIMD
+  if (vector_swiglu(gate)) {
+    Tensor hidden = at::empty_like(gate);
+    swiglu_forward_avx2(gate.data_ptr<float>(), up.data_ptr<float>(), hidden.data_ptr<float>(), gate.numel());
+    return hidden;
+  }
+#endif
+  return at::silu(gate).mul_(up);
+}
+
+// From gate, up and grad_hidden (overwritten): (hidden, grad_gate, grad_up).
+std::array<Tensor, 3> swiglu_backward(const Tensor& gate, const Tensor& up, Tensor grad_hidden) {
+#ifdef WORKBENCH_X86_SIMD
+  if (vector_swiglu(gate)) {
+    Tensor hidden = at::empty_like(gate), grad_up = at::empty_like(gate);
+    swiglu_backward_avx2(gate.data_ptr<float>(), up.data_ptr<float>(), grad_hidden.data_ptr<float>(),
+                         hidden.data_ptr<float>(), grad_up.data_ptr<float>(), gate.numel());
+    return {hidden, grad_hidden, grad_up};
+  }
+#endif
+  const Tensor act = at::silu(gate);
+  Tensor grad_up = grad_hidden * act;
+  Tensor grad_gate = at::silu_backward(grad_hidden.mul_(up), gate);
+  return {act * up, grad_gate, grad_up};
+}
+
 // Row n of the experts' input: x[token[n]] when rows are routed (token given), else x[n].
 Tensor input_rows(const Tensor& x, const Tensor& token, int64_t row, int64_t num_rows) {
   return token.defined() ? x.index_select(0, token.narrow(0, row, num_rows)) : x.narrow(0, row, num_rows);
@@ -120,7 +250,7 @@ std::vector<Tensor> swiglu_experts_forward(const Tensor& x, const std::optional<
     Tensor out_s = out.narrow(0, s.row, s.num_rows);
     at::mm_out(gate_s, x_s, w1[s.expert]);
     at::mm_out(up_s, x_s, w3[s.expert]);
-    at::mm_out(out_s, at::silu(gate_s).mul_(up_s), w2[s.expert]);
+    at::mm_out(out_s, swiglu_hidden(gate_s, up_s), w2[s.expert]);
   });
   return {out, gate, up};
 }
@@ -159,12 +289,10 @@ std::vector<Tensor> swiglu_experts_backward(const Tensor& grad_out, const Tensor
   std::vector<std::array<Tensor, 3>> partial(2 * segments.size());
 
   for_each_segment(segments, [&](const Segment& s, int64_t part) {
-    Tensor g_s = input_rows(grad_out, tok, s.row, s.num_rows);  // upstream gradient of each row
-    if (weight.defined()) {
-      Tensor gw_s = grad_row_weight.narrow(0, s.row, s.num_rows);
-      at::sum_out(gw_s, g_s * out_rows.narrow(0, s.row, s.num_rows), {1});
-      g_s = g_s * weight.narrow(0, s.row, s.num_rows).unsqueeze(1);
-    }
+    // upstream gradient of each row
+    const Tensor g_s = weight.defined()
+                           ? weighted_row_gradients(grad_out, tok, weight, out_rows, s.row, s.num_rows, grad_row_weight)
+                           : input_rows(grad_out, tok, s.row, s.num_rows);
     const Tensor x_s = input_rows(x, tok, s.row, s.num_rows);
     const Tensor gate_s = gate.narrow(0, s.row, s.num_rows), up_s = up.narrow(0, s.row, s.num_rows);
     Tensor gw1, gw3, gw2;
@@ -174,11 +302,8 @@ std::vector<Tensor> swiglu_experts_backward(const Tensor& grad_out, const Tensor
       gw1 = at::empty_like(w1[0]), gw3 = at::empty_like(w3[0]), gw2 = at::empty_like(w2[0]);
       partial[2 * part + (s.row == segments[part].front().row ? 0 : 1)] = {gw1, gw3, gw2};
     }
-    const Tensor act_s = at::silu(gate_s);
-    at::mm_out(gw2, (act_s * up_s).t(), g_s);  // dW2 = hidden^T g
-    Tensor grad_hidden = at::mm(g_s, w2[s.expert].t());
-    const Tensor grad_up = grad_hidden * act_s;
-    const Tensor grad_gate = at::silu_backward(grad_hidden.mul_(up_s), gate_s);
+    const auto [hidden, grad_gate, grad_up] = swiglu_backward(gate_s, up_s, at::mm(g_s, w2[s.expert].t()));
+    at::mm_out(gw2, hidden.t(), g_s);  // dW2 = hidden^T g
     at::mm_out(gw1, x_s.t(), grad_gate);
     at::mm_out(gw3, x_s.t(), grad_up);
     Tensor grad_rows_s = grad_rows.narrow(0, s.row, s.num_rows);
