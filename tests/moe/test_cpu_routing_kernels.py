@@ -222,3 +222,19 @@ def test_the_layer_reports_and_weights_the_same_losses_with_and_without_kernels(
         torch.testing.assert_close(losses_f[name], losses_r[name], rtol=1e-5, atol=0, msg=name)
     torch.testing.assert_close(weighted_f, weighted_r, rtol=1e-5, atol=0)
     torch.testing.assert_close(grad_f, grad_r, rtol=1e-4, atol=1e-4 * grad_r.abs().max().item())
+
+
+def test_routing_metrics_are_the_same_with_and_without_kernels():
+    """Router confidence and gate mass (the metrics' one kernel pass) against the tensor ops."""
+    from workbench.moe.metrics import routing_metrics
+
+    cfg = preset("tiny").moe
+    layer = MoELayer(48, cfg).train()
+    _, info = layer(torch.randn(4, 50, 48) * 2)
+    assert cpu_kernels.routing_summary_applies(info.router_output)
+    fused, reference = both_ways(lambda: routing_metrics(info))
+    assert fused.keys() == reference.keys()
+    assert fused["router_confidence"] == pytest.approx(reference["router_confidence"], rel=1e-6)
+    assert fused["gate_mass"] == pytest.approx(reference["gate_mass"], rel=1e-6, abs=1e-12)
+    assert {k: v for k, v in fused.items() if k not in ("router_confidence", "gate_mass")} == \
+        {k: v for k, v in reference.items() if k not in ("router_confidence", "gate_mass")}

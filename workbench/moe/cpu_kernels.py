@@ -310,6 +310,20 @@ def balance_loss_values(routing: RouterOutput, num_sequences: int) -> dict[str, 
     return dict(zip(("aux_loss", "seq_aux_loss", "z_loss"), values.unbind(), strict=True))
 
 
+def routing_summary_applies(routing: RouterOutput) -> bool:
+    """Whether ``confidence_and_gate_mass`` applies: fp32 CPU scores and weights, no padding slots."""
+    return routing.mask_TK is None and _fp32_cpu_kernel_applies(routing.scores_TE, routing.weights_TK)
+
+
+def confidence_and_gate_mass(routing: RouterOutput) -> tuple[float, list[float]]:
+    """(router confidence, each expert's summed combine weight) as ``metrics.routing_metrics``
+    computes them, in one pass."""
+    values = require_kernel().confidence_and_gate_mass(routing.scores_TE.detach().contiguous(),
+                                                       routing.expert_ids_TK.contiguous(),
+                                                       routing.weights_TK.detach().contiguous()).tolist()
+    return values[0], values[1:]
+
+
 def fused_aux_applies(scores_TE: torch.Tensor) -> bool:
     """Whether ``balance.switch_aux_loss`` without masks runs as ``fused_switch_aux_loss``: fp32 CPU scores."""
     return _fp32_cpu_kernel_applies(scores_TE)

@@ -25,6 +25,7 @@ std::vector<Tensor> sort_pairs_by_expert(const Tensor& ids, int64_t num_experts)
 std::vector<Tensor> switch_aux_forward(const Tensor& scores, const Tensor& ids);
 Tensor switch_aux_backward(const Tensor& grad, const Tensor& scores, const Tensor& f);
 Tensor balance_loss_values(const Tensor& scores, const Tensor& ids, const Tensor& logits, int64_t num_sequences);
+Tensor confidence_and_gate_mass(const Tensor& scores, const Tensor& ids, const Tensor& weights);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("swiglu_experts_forward", &swiglu_experts_forward, "fused SwiGLU experts, forward (CPU)");
@@ -35,4 +36,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("switch_aux_forward", &switch_aux_forward, "Switch load-balancing loss, forward (CPU)");
   m.def("switch_aux_backward", &switch_aux_backward, "Switch load-balancing loss, backward (CPU)");
   m.def("balance_loss_values", &balance_loss_values, "the three balancing losses' values, no gradient (CPU)");
+  m.def("confidence_and_gate_mass", &confidence_and_gate_mass, "router confidence and gate mass per expert (CPU)");
 }
