@@ -10,10 +10,15 @@ are split across every thread, and keeps each expert's activations in cache betw
 
 ``csrc/routing_cpu.cpp`` does the per-token work around the experts in one pass each: the
 softmax top-k router (gate, softmax, selection and gates, forward and backward), the counting
-sort of the token-expert pairs, the Switch auxiliary loss, and the values of the balancing
-losses that are only reported. At the workbench's sizes (thousands of tokens, 8 experts) the
-dozens of small ATen ops these replace cost more in dispatch than in arithmetic; together
-they were about a tenth of a ``tiny`` training step.
+sort of the token-expert pairs, the Switch auxiliary loss, the values of the balancing losses
+that are only reported, and two routing metrics (router confidence, gate mass). At the
+workbench's sizes (thousands of tokens, 8 experts) the dozens of small ATen ops these replace
+cost more in dispatch than in arithmetic; together they were about a tenth of a ``tiny``
+training step.
+
+The hot loops (the gate's products, the softmax's exp, the SwiGLU's element-wise steps) have
+AVX2 + FMA versions, compiled per function and chosen at run time (``csrc/vec_math.h``), so one
+build runs on any x86-64 CPU and elsewhere the plain loops or ATen ops run.
 
 The kernels are compiled with ``torch.utils.cpp_extension`` the first time one is needed (about
 a minute, once per environment, torch version and source; the build lives under
