@@ -9,7 +9,11 @@ gradients (fp32); selections must be identical.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,3 +242,15 @@ def test_routing_metrics_are_the_same_with_and_without_kernels():
     assert fused["gate_mass"] == pytest.approx(reference["gate_mass"], rel=1e-6, abs=1e-12)
     assert {k: v for k, v in fused.items() if k not in ("router_confidence", "gate_mass")} == \
         {k: v for k, v in reference.items() if k not in ("router_confidence", "gate_mass")}
+
+
+def test_the_kernels_hold_without_their_avx2_loops():
+    """The plain loops that run on CPUs without AVX2 (and elsewhere than x86-64): the kernel tests of
+    both files again, in a process with WORKBENCH_CPU_SIMD=0."""
+    here = Path(__file__).parent
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not without_their_avx2",
+         str(here / "test_cpu_kernels.py"), str(here / "test_cpu_routing_kernels.py")],
+        env={**os.environ, "WORKBENCH_CPU_SIMD": "0"}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]

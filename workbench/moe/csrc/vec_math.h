@@ -1,7 +1,11 @@
-// Vector maths shared by the fused CPU kernels: whether the CPU runs AVX2 + FMA, and e^x of 8
-// floats. The kernels are built without -mavx2 (one build runs on any x86-64 CPU), so the AVX2
+// Vector maths shared by the fused CPU kernels: whether to run the AVX2 + FMA loops, and e^x of
+// 8 floats. The kernels are built without -mavx2 (one build runs on any x86-64 CPU), so the AVX2
 // code is compiled per function (target attribute) and chosen at run time with has_avx2().
+// WORKBENCH_CPU_SIMD=0 in the environment turns the AVX2 loops off (the tests run both ways).
 #pragma once
+
+#include <cstdlib>
+#include <cstring>
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
@@ -10,9 +14,14 @@
 
 namespace workbench_simd {
 
+inline bool simd_switched_off() {
+  const char* value = std::getenv("WORKBENCH_CPU_SIMD");
+  return value != nullptr && (!std::strcmp(value, "0") || !std::strcmp(value, "off") || !std::strcmp(value, "false"));
+}
+
 #ifdef WORKBENCH_X86_SIMD
 inline bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && !simd_switched_off();
   return yes;
 }
 
