@@ -18,7 +18,8 @@ training step.
 
 The hot loops (the gate's products, the softmax's exp, the SwiGLU's element-wise steps) have
 AVX2 + FMA versions, compiled per function and chosen at run time (``csrc/vec_math.h``), so one
-build runs on any x86-64 CPU and elsewhere the plain loops or ATen ops run.
+build runs on any x86-64 CPU and elsewhere the plain loops or ATen ops run (``WORKBENCH_CPU_SIMD=0``
+forces those, as one test does).
 
 The kernels are compiled with ``torch.utils.cpp_extension`` the first time one is needed (about
 a minute, once per environment, torch version and source; the build lives under
