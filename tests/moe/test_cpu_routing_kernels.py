@@ -249,7 +249,8 @@ def test_the_kernels_hold_without_their_avx2_loops():
     both files again, in a process with WORKBENCH_CPU_SIMD=0."""
     here = Path(__file__).parent
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not without_their_avx2 and not environment_switch and not compiler",
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "-k", "not without_their_avx2 and not environment_switch and not compiler",
          str(here / "test_cpu_kernels.py"), str(here / "test_cpu_routing_kernels.py")],
         env={**os.environ, "WORKBENCH_CPU_SIMD": "0"}, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
