@@ -14,3 +14,13 @@ def expert_kernel(request):
         pytest.skip("the fused CPU expert kernel cannot be built here (no C++ compiler?)")
     with cpu_kernels.fused_cpu_kernel(request.param == "fused_cpu"):
         yield request.param
+
+
+@pytest.fixture(params=[True, False], ids=["avx2 loops", "plain loops"])
+def simd(request):
+    """Run a kernel test with the kernels' AVX2 loops (where this CPU has them) and with the plain
+    loops that other CPUs run (``cpu_kernels.simd_loops``)."""
+    if not cpu_kernels.kernel_available():
+        pytest.skip("the fused CPU kernels cannot be built here (no C++ compiler?)")
+    with cpu_kernels.simd_loops(request.param):
+        yield request.param

@@ -62,7 +62,7 @@ COUNTS = {
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
 @pytest.mark.parametrize("case", COUNTS)
-def test_fused_experts_match_the_reference_for_every_thread_partition(case, threads):
+def test_fused_experts_match_the_reference_for_every_thread_partition(case, threads, simd):
     counts = COUNTS[case]
     experts = make_experts(len(counts), 24, 40)
     x = torch.randn(sum(counts), 24)
@@ -80,7 +80,7 @@ def test_fused_experts_match_the_reference_for_every_thread_partition(case, thre
 
 @needs_kernel
 @pytest.mark.parametrize("scale", [1e-3, 30.0], ids=["gates near 0", "gates up to hundreds (silu saturated)"])
-def test_fused_swiglu_holds_where_the_sigmoid_saturates_or_vanishes(scale):
+def test_fused_swiglu_holds_where_the_sigmoid_saturates_or_vanishes(scale, simd):
     """The kernel's vectorised sigmoid (e^-g clamped where it leaves the floats) against the
     reference: pre-activations of ~1e-3, and of ~100 where sigmoid is 0 or 1 to fp32; errors
     relative to the values' size."""
@@ -100,7 +100,7 @@ def test_fused_swiglu_holds_where_the_sigmoid_saturates_or_vanishes(scale):
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
 @pytest.mark.parametrize("E,K", [(8, 2), (4, 1), (6, 3), (1, 1)])
-def test_fused_sorted_dispatch_matches_the_loop_reference(E, K, threads):
+def test_fused_sorted_dispatch_matches_the_loop_reference(E, K, threads, simd):
     """The permute-experts-combine op, routing weights' gradient included."""
     T, D, H = 90, 32, 48
     experts = make_experts(E, D, H)

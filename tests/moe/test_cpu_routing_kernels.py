@@ -1,4 +1,5 @@
-"""The fused CPU routing kernels compute the readable reference's functions, whatever the threads.
+"""The fused CPU routing kernels compute the readable reference's functions, whatever the threads,
+with their AVX2 loops and with the plain ones (the `simd` fixture).
 
 Each test runs the same call with the kernel on and off (``cpu_kernels.fused_cpu_kernel``): the
 softmax top-k router (gate, softmax, selection, gates, and the backward of all of them), the
@@ -9,11 +10,7 @@ gradients (fp32); selections must be identical.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -62,7 +59,7 @@ ROUTER_CASES = {
 
 
 @pytest.mark.parametrize("case", ROUTER_CASES, ids=list(ROUTER_CASES))
-def test_fused_router_equals_the_reference_forward_and_backward(case, threads):
+def test_fused_router_equals_the_reference_forward_and_backward(case, threads, simd):
     fields = ROUTER_CASES[case]
     D = 37 if "odd" in case else 64
     cfg = replace(preset("tiny").moe, **fields)
@@ -106,7 +103,7 @@ def test_fused_router_passes_gradient_only_to_the_outputs_used(threads):
 
 
 @pytest.mark.parametrize("num_experts", [8, 16, 12], ids=["8 experts", "16 experts", "12 experts (scalar path)"])
-def test_router_softmax_holds_over_a_wide_range_of_logits(num_experts):
+def test_router_softmax_holds_over_a_wide_range_of_logits(num_experts, simd):
     """Logit spreads from 1e-3 to hundreds (where e^x underflows for all but the top experts). The
     kernel's softmax (a vectorised exp where E is a multiple of 8, else the scalar one) and z-loss
     value equal torch's on the kernel's own logits, which equal the reference's up to fp32 rounding
@@ -166,7 +163,7 @@ def test_counting_sort_refuses_an_out_of_range_expert():
 
 
 @pytest.mark.parametrize("scores", ["softmax", "sigmoid"])
-def test_fused_switch_aux_loss_equals_the_reference_value_and_gradient(scores):
+def test_fused_switch_aux_loss_equals_the_reference_value_and_gradient(scores, simd):
     torch.manual_seed(2)
     logits = torch.randn(777, 8) * 2
     s = (logits.softmax(-1) if scores == "softmax" else logits.sigmoid()).requires_grad_()
@@ -184,7 +181,7 @@ def test_fused_switch_aux_loss_equals_the_reference_value_and_gradient(scores):
 
 
 @pytest.mark.parametrize("router", ["softmax_topk", "sigmoid"])
-def test_reported_loss_values_equal_the_reference_functions(router):
+def test_reported_loss_values_equal_the_reference_functions(router, simd):
     torch.manual_seed(3)
     cfg = replace(preset("tiny").moe, router=router)
     B, S = 6, 40
@@ -243,15 +240,3 @@ def test_routing_metrics_are_the_same_with_and_without_kernels():
     assert {k: v for k, v in fused.items() if k not in ("router_confidence", "gate_mass")} == \
         {k: v for k, v in reference.items() if k not in ("router_confidence", "gate_mass")}
 
-
-def test_the_kernels_hold_without_their_avx2_loops():
-    """The plain loops that run on CPUs without AVX2 (and elsewhere than x86-64): the kernel tests of
-    both files again, in a process with WORKBENCH_CPU_SIMD=0."""
-    here = Path(__file__).parent
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "-k", "not without_their_avx2 and not environment_switch and not compiler",
-         str(here / "test_cpu_kernels.py"), str(here / "test_cpu_routing_kernels.py")],
-        env={**os.environ, "WORKBENCH_CPU_SIMD": "0"}, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]

@@ -19,7 +19,7 @@ training step.
 The hot loops (the gate's products, the softmax's exp, the SwiGLU's element-wise steps) have
 AVX2 + FMA versions, compiled per function and chosen at run time (``csrc/vec_math.h``), so one
 build runs on any x86-64 CPU and elsewhere the plain loops or ATen ops run (``WORKBENCH_CPU_SIMD=0``
-forces those, as one test does).
+or :func:`simd_loops` forces those).
 
 The kernels are compiled with ``torch.utils.cpp_extension`` the first time one is needed (about
 a minute, once per environment, torch version and source; the build lives under
@@ -75,6 +75,19 @@ def fused_cpu_kernel(enabled: bool) -> Iterator[None]:
         yield
     finally:
         _enabled = previous
+
+
+@contextlib.contextmanager
+def simd_loops(enabled: bool) -> Iterator[None]:
+    """Let the kernels' AVX2 loops run (where the CPU has them) or take the plain loops inside a
+    ``with`` block; the tests check both against the reference. Needs the built kernels."""
+    kernel = require_kernel()
+    previous = kernel.simd_allowed()
+    kernel.set_simd(enabled)
+    try:
+        yield
+    finally:
+        kernel.set_simd(previous)
 
 
 def _extension_name() -> str:

@@ -6,6 +6,8 @@
 #include <optional>
 #include <vector>
 
+#include "vec_math.h"
+
 using at::Tensor;
 
 // swiglu_experts_cpu.cpp
@@ -37,4 +39,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("switch_aux_backward", &switch_aux_backward, "Switch load-balancing loss, backward (CPU)");
   m.def("balance_loss_values", &balance_loss_values, "the three balancing losses' values, no gradient (CPU)");
   m.def("confidence_and_gate_mass", &confidence_and_gate_mass, "router confidence and gate mass per expert (CPU)");
+  m.def("set_simd", [](bool allowed) { workbench_simd::simd_allowed() = allowed; },
+        "let the kernels' AVX2 loops run (where the CPU has AVX2 + FMA) or not");
+  m.def("simd_allowed", [] { return workbench_simd::simd_allowed().load(); }, "see set_simd");
 }

@@ -1,9 +1,11 @@
 // Vector maths shared by the fused CPU kernels: whether to run the AVX2 + FMA loops, and e^x of
 // 8 floats. The kernels are built without -mavx2 (one build runs on any x86-64 CPU), so the AVX2
 // code is compiled per function (target attribute) and chosen at run time with has_avx2().
-// WORKBENCH_CPU_SIMD=0 in the environment turns the AVX2 loops off (the tests run both ways).
+// WORKBENCH_CPU_SIMD=0 in the environment, or set_simd(false) from Python, turns the AVX2 loops
+// off (the tests run both ways).
 #pragma once
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
@@ -19,10 +21,16 @@ inline bool simd_switched_off() {
   return value != nullptr && (!std::strcmp(value, "0") || !std::strcmp(value, "off") || !std::strcmp(value, "false"));
 }
 
+// Whether the AVX2 loops may run where the CPU has them (one flag for every kernel file).
+inline std::atomic<bool>& simd_allowed() {
+  static std::atomic<bool> allowed{!simd_switched_off()};
+  return allowed;
+}
+
 #ifdef WORKBENCH_X86_SIMD
 inline bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && !simd_switched_off();
-  return yes;
+  static const bool cpu = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return cpu && simd_allowed().load(std::memory_order_relaxed);
 }
 
 // e^x of 8 floats, the Cephes expf scheme: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two
