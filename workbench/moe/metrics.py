@@ -83,7 +83,8 @@ def routing_metrics(info: RoutingInfo) -> dict[str, float | list[float]]:
     out["dropped_token_fraction"] = stats.dropped_tokens.item() / T
     if cpu_kernels.routing_summary_applies(routing):  # CPU: the lines below in one pass
         out["router_confidence"], mass = cpu_kernels.confidence_and_gate_mass(routing)
-        out["gate_mass"] = [m / max(sum(mass), 1e-12) for m in mass]
+        total_mass = max(sum(mass), 1e-12)
+        out["gate_mass"] = [m / total_mass for m in mass]
     else:
         # max_e (s_te / sum_e s_te) = (max_e s_te) / sum_e s_te: a row's division cannot change its maximum
         scores_TE = routing.scores_TE

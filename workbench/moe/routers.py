@@ -618,9 +618,8 @@ class CosineRouter(SoftmaxTopKRouter):
         self.expert_embed = nn.Parameter(torch.randn(cfg.num_experts, cfg.cosine_dim) * cfg.cosine_dim**-0.5)
         self.log_inv_temperature = nn.Parameter(torch.tensor(math.log(1 / self.init_temperature)))
 
-    def gate_and_route(self, x32_TD: torch.Tensor, token_ids_T: torch.Tensor | None) -> RouterOutput:
-        """The linear gate, then ``route``: what a router may replace with a fused kernel."""
-        return self.route(x32_TD, self.gate_logits(x32_TD), token_ids_T)
+    # its own gate (below), so not the fused softmax top-k of its parent
+    gate_and_route = Router.gate_and_route
 
     def gate_logits(self, x32_TD: torch.Tensor) -> torch.Tensor:
         tokens_TP = F.normalize(F.linear(x32_TD, self.weight.float()), dim=-1)

@@ -229,8 +229,10 @@ std::pair<float, float> softmax_row(const float* l, float* p, int64_t E) {
 
 void gate_logits(const float* x, const float* w, int64_t begin, int64_t end, int64_t D, int64_t E, float* logits) {
 #ifdef WORKBENCH_X86_SIMD
-  if (has_avx2() && E % 8 == 0 && D % 8 == 0) return gate_logits_by8(x, w, begin, end, D, E, logits);
-  if (has_avx2()) return gate_logits_avx2(x, w, begin, end, D, E, logits);
+  if (has_avx2()) {
+    return E % 8 == 0 && D % 8 == 0 ? gate_logits_by8(x, w, begin, end, D, E, logits)
+                                    : gate_logits_avx2(x, w, begin, end, D, E, logits);
+  }
 #endif
   gate_logits_impl(x, w, begin, end, D, E, logits);
 }
@@ -238,8 +240,10 @@ void gate_logits(const float* x, const float* w, int64_t begin, int64_t end, int
 void gate_backward(const float* dl, const float* x, const float* w, int64_t begin, int64_t end, int64_t D, int64_t E,
                    float* grad_x, float* grad_w) {
 #ifdef WORKBENCH_X86_SIMD
-  if (has_avx2() && E % 8 == 0 && D % 8 == 0) return gate_backward_by8(dl, x, w, begin, end, D, E, grad_x, grad_w);
-  if (has_avx2()) return gate_backward_avx2(dl, x, w, begin, end, D, E, grad_x, grad_w);
+  if (has_avx2()) {
+    return E % 8 == 0 && D % 8 == 0 ? gate_backward_by8(dl, x, w, begin, end, D, E, grad_x, grad_w)
+                                    : gate_backward_avx2(dl, x, w, begin, end, D, E, grad_x, grad_w);
+  }
 #endif
   gate_backward_impl(dl, x, w, begin, end, D, E, grad_x, grad_w);
 }

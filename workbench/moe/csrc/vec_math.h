@@ -6,6 +6,7 @@
 #pragma once
 
 #include <atomic>
+#include <initializer_list>
 #include <cstdlib>
 #include <cstring>
 
@@ -18,7 +19,11 @@ namespace workbench_simd {
 
 inline bool simd_switched_off() {
   const char* value = std::getenv("WORKBENCH_CPU_SIMD");
-  return value != nullptr && (!std::strcmp(value, "0") || !std::strcmp(value, "off") || !std::strcmp(value, "false"));
+  if (value == nullptr) return false;
+  for (const char* off : {"0", "false", "off", "no"}) {  // WORKBENCH_FUSED_CPU's words, lower case
+    if (!std::strcmp(value, off)) return true;
+  }
+  return false;
 }
 
 // Whether the AVX2 loops may run where the CPU has them (one flag for every kernel file).
