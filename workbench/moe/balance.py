@@ -15,6 +15,9 @@ import torch.nn.functional as F
 from workbench.moe import cpu_kernels
 from workbench.validation import check_choice
 
+# The raw per-layer balancing losses, by the one name each has everywhere: ``RoutingInfo.losses``
+# keys, ``MoEConfig.<name>_weight`` fields, the metrics log's ``raw/<name>`` columns, MindSpore's model.
+BALANCE_LOSSES = ("aux_loss", "seq_aux_loss", "z_loss")
 # Over which tokens the Switch loss's expert frequencies f_i are counted (MoEConfig.aux_loss_scope).
 AUX_LOSS_SCOPES = ("micro_batch", "global_batch")
 # How the loss-free bias moves with the load violation (MoEConfig.bias_update_rule).

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from workbench.moe.balance import AUX_LOSS_SCOPES, BIAS_UPDATE_RULES
+from workbench.moe.balance import AUX_LOSS_SCOPES, BALANCE_LOSSES, BIAS_UPDATE_RULES
 from workbench.moe.dispatch import CAPACITY_SCOPES, DISPATCHES, DROP_POLICIES
 from workbench.moe.routers import ROUTERS, router_class
 from workbench.validation import check, check_choice, check_int
@@ -138,8 +138,7 @@ class MoEConfig:
     @property
     def loss_weights(self) -> dict[str, float]:
         """The weight of each raw balancing loss, keyed as ``RoutingInfo.losses`` is."""
-        return {"aux_loss": self.aux_loss_weight, "seq_aux_loss": self.seq_aux_loss_weight,
-                "z_loss": self.z_loss_weight}
+        return {name: getattr(self, f"{name}_weight") for name in BALANCE_LOSSES}
 
     @property
     def shared_hidden(self) -> int:

@@ -121,7 +121,7 @@ def _warn_causal_leak(name: str, how: str, fix: str) -> None:
 # Added to the sum of the selected gates before renormalising: when every selected score
 # underflows to 0 (sigmoid logits below about -104) the gates become 0, not 0/0 = NaN, as in
 # Hugging Face's DeepSeek-V3 block; next to a sum of order 1 it changes nothing in fp32.
-_GATE_SUM_FLOOR = 1e-20
+GATE_SUM_FLOOR = 1e-20
 
 
 class Router(nn.Module):
@@ -245,7 +245,7 @@ class Router(nn.Module):
         Qwen2-MoE, DeepSeek-V2). The one renormalisation rule of the zoo."""
         weights_TK = scores_TE.gather(1, expert_ids_TK)
         if self.normalize_topk:
-            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + _GATE_SUM_FLOOR)
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + GATE_SUM_FLOOR)
         return weights_TK
 
     def biased(self, scores_TE: torch.Tensor) -> torch.Tensor:
