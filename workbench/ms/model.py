@@ -10,13 +10,19 @@ Everything runs on CPU, GPU and Ascend with ``mindspore.ops`` (on CPU several ``
 ``mint.topk`` among them, are not registered), in PyNative and in GRAPH mode: shapes are static
 (the capacity is a Python int computed from the static token count, and the dropless dispatch
 pads each expert's rows to whole blocks inside a buffer of fixed size), and every branch on the
-config is settled in ``__init__``. No dispatch builds a one-hot T x E x C tensor: slots are
-computed with one cumulative sum over an (N, E) one-hot of the pairs, and rows move by
-``gather`` and ``tensor_scatter_update`` (linear in tokens).
+config is settled in ``__init__`` (which router, too: one class per router). No dispatch builds a
+one-hot T x E x C tensor: slots are computed with one cumulative sum over an (N, E) one-hot of the
+pairs, and rows move by ``gather`` and ``tensor_scatter_update`` (linear in tokens).
+
+The framework-free pieces are the PyTorch side's own, imported, not copied: the RoPE tables
+(``workbench.model.rotary_tables``), the capacity (``workbench.moe.dispatch.expert_capacity``),
+the gate-sum floor, each router's facts (``workbench.moe.routers``), the balancing losses' names
+and the loss-free bias step (``workbench.moe.balance``).
 
 What the MindSpore side expresses (``check_supported`` refuses the rest by field name):
 
-- routers ``softmax_topk``, ``switch``, ``sigmoid`` (selection bias, groups, route scale), ``uniform``;
+- routers ``softmax_topk``, ``switch``, ``sigmoid`` (selection bias, groups, route scale), ``uniform``:
+  one Cell class each, registered in ``ROUTERS`` under the PyTorch names (a new one is a class and a line);
 - dispatch ``sorted`` (dropless; also serves ``loop``, the same function) and ``capacity``
   (``drop_policy="position"``, ``capacity_scope="batch"``);
 - the Switch aux loss over the micro-batch, DeepSeek-V3's sequence-wise loss, the router z-loss,
@@ -39,19 +45,23 @@ import math
 from typing import NamedTuple
 
 import numpy as np
+import torch
 
 from workbench.config import ModelConfig
+from workbench.model import rotary_tables
+from workbench.moe.balance import BALANCE_LOSSES
+from workbench.moe.balance import update_router_bias as torch_update_router_bias
 from workbench.moe.config import MoEConfig
+from workbench.moe.dispatch import expert_capacity
+from workbench.moe.routers import GATE_SUM_FLOOR, router_class
 from workbench.ms._import import require_mindspore
 from workbench.validation import check
 
 ms = require_mindspore()
 from mindspore import Parameter, Tensor, nn, ops  # noqa: E402
 
-ROUTERS = ("softmax_topk", "switch", "sigmoid", "uniform")
 DISPATCHES = ("sorted", "loop", "capacity")  # "loop" is the same function as "sorted": it runs sorted
 NEG_INF = float("-inf")
-_GATE_SUM_FLOOR = 1e-20  # as workbench.moe.routers: all-zero sigmoid gates stay 0, not NaN
 
 
 def check_supported(cfg: ModelConfig) -> None:
@@ -61,6 +71,7 @@ def check_supported(cfg: ModelConfig) -> None:
     m = cfg.moe
     if m is None:
         return
+    # the routers are the registry's, ROUTERS below: a router registered there is supported
     check(m.router in ROUTERS, "router", "the MindSpore model supports " + ", ".join(ROUTERS), m.router)
     check(m.dispatch in DISPATCHES, "dispatch", "the MindSpore model supports " + ", ".join(DISPATCHES), m.dispatch)
     check(m.router_jitter == 0, "router_jitter", "the MindSpore model has no router jitter: must be 0.0",
@@ -110,14 +121,6 @@ def linear(x: Tensor, w_OI: Tensor) -> Tensor:
     lead = x.shape[:-1]
     y = ops.matmul(x.reshape(-1, x.shape[-1]), w_OI.T)
     return y.reshape(lead + (w_OI.shape[0],))
-
-
-def rotary_tables(seq_len: int, head_dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin of the RoPE angles, (S, d/2) float32, computed in float64 as the PyTorch model does
-    (Su et al. 2021, "RoFormer", arXiv:2104.09864)."""
-    inv_freq = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    angles = np.outer(np.arange(seq_len, dtype=np.float64), inv_freq)
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
 def apply_rotary(x_BhSd: Tensor, cos_Sd: Tensor, sin_Sd: Tensor) -> Tensor:
@@ -211,61 +214,110 @@ class SwiGLUMLP(nn.Cell):
 
 
 class Router(nn.Cell):
-    """The four routers of ``ROUTERS`` in one Cell; which one is settled in ``__init__``.
+    """Base class, as ``workbench.moe.routers.Router``: a linear gate ``logits = x W^T`` in fp32,
+    then ``route``, then the gates times ``route_scale`` (DeepSeek-V2/V3's routed scaling factor).
 
-    Formulas as ``workbench.moe.routers`` (fp32 throughout):
+    The router's facts (the rows of ``weight``, the default of ``normalize_topk``, whether it has a
+    selection bias) are those of the PyTorch class of the same name (``workbench.moe.routers.router_class``),
+    so both frameworks build the same parameters from one ``MoEConfig``. ``bias`` (E,) is the
+    loss-free balancing state (Wang et al. 2024, arXiv:2408.15664), a Parameter without gradient,
+    present when ``bias_update_rate > 0``; it selects and never weights.
 
-    - ``softmax_topk`` (GShard, Lepikhin et al. 2020; Mixtral): p = softmax(x W^T), keep = top-k(p + b),
-      g = p[keep], renormalised over the k when ``normalize_topk``;
-    - ``switch`` (Fedus et al. 2021): the same with k = 1 and the raw probability as gate;
-    - ``sigmoid`` (DeepSeek-V3, arXiv:2412.19437, eq. 12-16): s = sigmoid(x W^T), keep = top-k(s + b)
-      within the ``topk_groups`` best of ``num_groups`` groups (a group scored by the sum of its
-      two highest biased affinities), g = s[keep] / sum s[keep];
-    - ``uniform``: pair n = t K + k goes to expert n mod E; gates are the probabilities.
-
-    Gates are multiplied by ``route_scale``. ``bias`` (E,) is the loss-free balancing state
-    (Wang et al. 2024, arXiv:2408.15664), a Parameter without gradient, present when
-    ``bias_update_rate > 0``; it selects and never weights.
+    A new router is one subclass of this (``route``) or of ``SoftmaxGatedRouter`` (``select``) and
+    one line in ``ROUTERS``. Every branch on the config is settled in ``__init__``, so GRAPH mode
+    compiles ``construct`` with the subclass's methods inlined. The model passes no token ids.
 
     ``construct(x_TD) -> (expert_ids_TK int32, weights_TK, scores_TE, logits_TE)``.
     """
 
     def __init__(self, d_model: int, cfg: MoEConfig):
         super().__init__()
-        from workbench.moe.routers import router_class
-
-        self.kind = cfg.router
+        facts = router_class(cfg.router)
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
-        default = router_class(cfg.router).default_normalize_topk
+        default = facts.default_normalize_topk
         self.normalize_topk = bool(default if cfg.normalize_topk is None else cfg.normalize_topk)
         self.route_scale = float(cfg.route_scale)
-        self.num_groups, self.topk_groups = cfg.num_groups, cfg.topk_groups
-        self.weight = Parameter(Tensor(np.zeros((cfg.num_experts, d_model), np.float32)), name="weight")
-        self.use_bias = cfg.bias_update_rate > 0
+        self.weight = Parameter(Tensor(np.zeros((facts.gate_rows(cfg), d_model), np.float32)), name="weight")
+        self.use_bias = facts.has_selection_bias and cfg.bias_update_rate > 0
         if self.use_bias:
             self.bias = Parameter(Tensor(np.zeros(cfg.num_experts, np.float32)), name="bias", requires_grad=False)
 
     def construct(self, x_TD: Tensor):
-        logits_TE = linear(x_TD.astype(ms.float32), self.weight)
-        if self.kind == "sigmoid":
-            scores_TE = ops.sigmoid(logits_TE)
-        else:
-            scores_TE = ops.softmax(logits_TE, axis=-1)
-        if self.kind == "uniform":
-            T = x_TD.shape[0]
-            expert_ids_TK = (ops.arange(T * self.top_k, dtype=ms.int32) % self.num_experts).reshape(T, self.top_k)
-        else:
-            ranked_TE = scores_TE + self.bias if self.use_bias else scores_TE
-            if self.num_groups > 1:
-                ranked_TE = self._mask_to_kept_groups(ranked_TE)
-            # top-k is not differentiable: select from a copy outside the graph
-            expert_ids_TK = ops.topk(ops.stop_gradient(ranked_TE), self.top_k)[1].astype(ms.int32)
-        weights_TK = ops.gather_elements(scores_TE, 1, expert_ids_TK)
-        if self.normalize_topk:
-            weights_TK = weights_TK / (weights_TK.sum(axis=-1, keepdims=True) + _GATE_SUM_FLOOR)
+        x32_TD = x_TD.astype(ms.float32)
+        expert_ids_TK, weights_TK, scores_TE, logits_TE = self.route(x32_TD, self.gate_logits(x32_TD))
         if self.route_scale != 1.0:
             weights_TK = weights_TK * self.route_scale
         return expert_ids_TK, weights_TK, scores_TE, logits_TE
+
+    def gate_logits(self, x32_TD: Tensor) -> Tensor:
+        return linear(x32_TD, self.weight)
+
+    def route(self, x32_TD: Tensor, logits_TE: Tensor):
+        """``(expert_ids_TK int32, weights_TK, scores_TE, logits_TE)`` from the gate's logits."""
+        raise NotImplementedError
+
+    def gates(self, scores_TE: Tensor, expert_ids_TK: Tensor) -> Tensor:
+        """The scores of the chosen experts, renormalised to sum to one over the k when
+        ``normalize_topk``: the one renormalisation rule, as ``workbench.moe.routers.Router.gates``."""
+        weights_TK = ops.gather_elements(scores_TE, 1, expert_ids_TK)
+        if self.normalize_topk:
+            weights_TK = weights_TK / (weights_TK.sum(axis=-1, keepdims=True) + GATE_SUM_FLOOR)
+        return weights_TK
+
+    def biased(self, scores_TE: Tensor) -> Tensor:
+        """``score + bias`` where loss-free balancing is on: what selection ranks, never the gates."""
+        return scores_TE + self.bias if self.use_bias else scores_TE
+
+    def highest(self, ranked_TE: Tensor) -> Tensor:
+        """(T, K) int32: the K highest entries of each row. Top-k is not differentiable: it ranks a
+        copy outside the graph."""
+        return ops.topk(ops.stop_gradient(ranked_TE), self.top_k)[1].astype(ms.int32)
+
+
+class SoftmaxGatedRouter(Router):
+    """Softmax over all experts, a selection, and the probabilities of the selected experts as
+    gates (``Router.gates``), as ``workbench.moe.routers.SoftmaxGatedRouter``. A subclass says only
+    how it selects, in ``select``."""
+
+    def route(self, x32_TD: Tensor, logits_TE: Tensor):
+        probs_TE = ops.softmax(logits_TE, axis=-1)
+        expert_ids_TK = self.select(logits_TE, probs_TE)
+        return expert_ids_TK, self.gates(probs_TE, expert_ids_TK), probs_TE, logits_TE
+
+    def select(self, logits_TE: Tensor, probs_TE: Tensor) -> Tensor:
+        """(T, K) int32: the experts of each token."""
+        raise NotImplementedError
+
+
+class SoftmaxTopKRouter(SoftmaxGatedRouter):
+    """GShard (Lepikhin et al. 2020) / Mixtral: p = softmax(x W^T), keep = top-k(p + b), g = p[keep],
+    renormalised over the k when ``normalize_topk``."""
+
+    def select(self, logits_TE: Tensor, probs_TE: Tensor) -> Tensor:
+        return self.highest(self.biased(probs_TE))
+
+
+class SwitchRouter(SoftmaxTopKRouter):
+    """Switch Transformer (Fedus et al. 2021): top-1 with the raw probability as gate. Both are facts
+    of the PyTorch class (``fixed_top_k``, ``default_normalize_topk``), which ``MoEConfig`` applies."""
+
+
+class SigmoidRouter(Router):
+    """DeepSeek-V3 routing (arXiv:2412.19437, section 2.1.2, eq. 12-16): s = sigmoid(x W^T),
+    keep = top-k(s + b) within the ``topk_groups`` best of ``num_groups`` groups (a group scored by
+    the sum of its two highest biased affinities), g = s[keep] / sum s[keep]."""
+
+    def __init__(self, d_model: int, cfg: MoEConfig):
+        super().__init__(d_model, cfg)
+        self.num_groups, self.topk_groups = cfg.num_groups, cfg.topk_groups
+
+    def route(self, x32_TD: Tensor, logits_TE: Tensor):
+        scores_TE = ops.sigmoid(logits_TE)
+        ranked_TE = self.biased(scores_TE)
+        if self.num_groups > 1:
+            ranked_TE = self._mask_to_kept_groups(ranked_TE)
+        expert_ids_TK = self.highest(ranked_TE)
+        return expert_ids_TK, self.gates(scores_TE, expert_ids_TK), scores_TE, logits_TE
 
     def _mask_to_kept_groups(self, ranked_TE: Tensor) -> Tensor:
         T, E = ranked_TE.shape
@@ -279,14 +331,26 @@ class Router(nn.Cell):
         return ops.masked_fill(ranked_TE, kept_mask_TE < 0.5, NEG_INF)
 
 
+class UniformRouter(SoftmaxGatedRouter):
+    """Forced round-robin, for throughput benchmarks: pair n = t K + k goes to expert n mod E; the
+    gates are the probabilities of those experts."""
+
+    def select(self, logits_TE: Tensor, probs_TE: Tensor) -> Tensor:
+        T = probs_TE.shape[0]
+        return (ops.arange(T * self.top_k, dtype=ms.int32) % self.num_experts).reshape(T, self.top_k)
+
+
+# One line per router, keyed by the names of ``workbench.moe.routers.ROUTERS``; ``check_supported``
+# refuses the others. A new router: a subclass of Router (or SoftmaxGatedRouter) and a line here.
+ROUTERS: dict[str, type[Router]] = {
+    "softmax_topk": SoftmaxTopKRouter,
+    "switch": SwitchRouter,
+    "sigmoid": SigmoidRouter,
+    "uniform": UniformRouter,
+}
+
+
 # --- experts and dispatch ------------------------------------------------------------------------
-
-
-def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float | None) -> int:
-    """C = ceil(capacity_factor * T * K / E) (Switch Transformer eq. 3); ``None``: C = T, never drops."""
-    if capacity_factor is None:
-        return max(1, num_tokens)
-    return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
 
 
 def _rank_within_expert(expert_of_pair_N: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
@@ -464,20 +528,15 @@ def router_z_loss(logits_TE: Tensor) -> Tensor:
     return ops.square(ops.logsumexp(logits_TE, -1)).mean()
 
 
-def update_router_bias(bias_E: np.ndarray, load_E: np.ndarray, rate: float, recenter: bool, rule: str) -> np.ndarray:
-    """Auxiliary-loss-free balancing step (Wang et al. 2024, arXiv:2408.15664, Algorithm 1), on the host:
-    e_i = mean(c) - c_i; ``sign``: b += u sign(e); ``proportional``: b += u e / mean(c).
-    The same rule as ``workbench.moe.balance.update_router_bias``; returns the new bias (float32)."""
-    load = load_E.astype(np.float32)
-    violation = load.mean() - load
-    if rule == "sign":
-        step = rate * np.sign(violation)
-    else:
-        step = rate * violation / max(float(load.mean()), float(np.finfo(np.float32).tiny))
-    new = (bias_E + step.astype(np.float32)).astype(np.float32)
-    if recenter:
-        new = new - new.mean(dtype=np.float32)
-    return new
+def update_router_bias(bias_E: Parameter, load_E: np.ndarray, rate: float, recenter: bool, rule: str) -> Parameter:
+    """The auxiliary-loss-free balancing step (Wang et al. 2024, arXiv:2408.15664, Algorithm 1) of
+    ``workbench.moe.balance.update_router_bias``, applied to a MindSpore bias in place, on the host:
+    the PyTorch function runs on a copy, which is assigned back (a compiled step keeps reading the
+    Parameter's memory). ``load_E``: the tokens per expert since the last update. Returns ``bias_E``."""
+    bias = torch.from_numpy(bias_E.asnumpy().copy())
+    torch_update_router_bias(bias, torch.from_numpy(np.asarray(load_E)), rate, recenter, rule)
+    ops.assign(bias_E, Tensor(bias.numpy()))
+    return bias_E
 
 
 # --- the MoE layer, the block, the model -----------------------------------------------------------
@@ -492,7 +551,7 @@ class LayerRouting(NamedTuple):
     logits_TE: Tensor
     tokens_per_expert: Tensor  # (E,) int32, before drops
     kept_per_expert: Tensor  # (E,) int32
-    aux_loss: Tensor  # raw, unweighted
+    aux_loss: Tensor  # raw, unweighted; these three are BALANCE_LOSSES, in its order
     seq_aux_loss: Tensor
     z_loss: Tensor
     weighted_loss: Tensor
@@ -508,7 +567,7 @@ class MoELayer(nn.Cell):
         super().__init__()
         self.cfg = cfg
         self.top_k = cfg.top_k
-        self.router = Router(d_model, cfg)
+        self.router = ROUTERS[cfg.router](d_model, cfg)
         self.experts = SwiGLUExperts(cfg.num_experts, d_model, cfg.expert_hidden)
         # the dispatch, settled here: "capacity", or dropless (the grouped matmul kernel where it exists)
         self.dispatch_kind = "capacity" if cfg.dispatch == "capacity" else (
@@ -521,7 +580,8 @@ class MoELayer(nn.Cell):
         if self.has_shared_gate:
             # Qwen2-MoE gates the shared expert per token with sigmoid(x . w_g); torch's nn.Linear(D, 1) layout
             self.shared_gate = Parameter(Tensor(np.zeros((1, d_model), np.float32)), name="shared_gate")
-        self.aux_w, self.seq_w, self.z_w = cfg.aux_loss_weight, cfg.seq_aux_loss_weight, cfg.z_loss_weight
+        # one weight per raw loss, in the order of BALANCE_LOSSES (and of LayerRouting's loss fields)
+        self.loss_weights = tuple(cfg.loss_weights[name] for name in BALANCE_LOSSES)
 
     def construct(self, x_BSD: Tensor):
         B, S, D = x_BSD.shape
@@ -540,19 +600,16 @@ class MoELayer(nn.Cell):
                 shared_TD = shared_TD * ops.sigmoid(linear(x_TD, self.shared_gate))
             y_TD = y_TD + shared_TD
 
-        aux = switch_aux_loss(scores_TE, counts_E, self.top_k)
-        seq_aux = sequence_aux_loss(scores_TE.reshape(B, S, -1), expert_ids_TK.reshape(B, S, -1))
-        z = router_z_loss(logits_TE)
+        raw = (switch_aux_loss(scores_TE, counts_E, self.top_k),  # in the order of BALANCE_LOSSES
+               sequence_aux_loss(scores_TE.reshape(B, S, -1), expert_ids_TK.reshape(B, S, -1)),
+               router_z_loss(logits_TE))
         # only the weighted losses carry gradient, as in the PyTorch layer
         weighted = ops.zeros((), ms.float32)
-        if self.aux_w > 0:
-            weighted = weighted + self.aux_w * aux
-        if self.seq_w > 0:
-            weighted = weighted + self.seq_w * seq_aux
-        if self.z_w > 0:
-            weighted = weighted + self.z_w * z
+        for i, weight in enumerate(self.loss_weights):
+            if weight > 0:
+                weighted = weighted + weight * raw[i]
         routing = (expert_ids_TK, weights_TK, scores_TE, logits_TE, counts_E, kept_E,
-                   ops.stop_gradient(aux), ops.stop_gradient(seq_aux), ops.stop_gradient(z), weighted)
+                   ops.stop_gradient(raw[0]), ops.stop_gradient(raw[1]), ops.stop_gradient(raw[2]), weighted)
         return y_TD.reshape(B, S, D), routing
 
 
@@ -613,8 +670,8 @@ class MoELM(nn.Cell):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if not self.tie:
             self.lm_head = Parameter(Tensor(np.zeros((cfg.vocab_size, cfg.d_model), np.float32)), name="lm_head")
-        cos, sin = rotary_tables(cfg.seq_len, cfg.head_dim, cfg.rope_base)
-        self.rope_cos, self.rope_sin = Tensor(cos), Tensor(sin)
+        cos, sin = rotary_tables(cfg.seq_len, cfg.head_dim, cfg.rope_base)  # the PyTorch model's, float32
+        self.rope_cos, self.rope_sin = Tensor(cos.numpy()), Tensor(sin.numpy())
         self.n_moe = len(cfg.moe_layers)
 
     def init_weights(self, seed: int = 0) -> None:

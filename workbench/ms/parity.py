@@ -54,7 +54,7 @@ from workbench.validation import check_choice
 
 ms = require_mindspore()
 import torch  # noqa: E402
-from mindspore import Tensor, ops  # noqa: E402
+from mindspore import Parameter, Tensor, ops  # noqa: E402
 
 from workbench.ms import model as msm  # noqa: E402
 from workbench.ms.convert import from_torch, load_numpy_state, torch_state_numpy  # noqa: E402
@@ -258,11 +258,11 @@ def _operator_checks(rec: _Recorder, cfg: ModelConfig, tm: torch.nn.Module, mm: 
     norm_t.weight.grad = None
 
     # RoPE
-    from workbench.model import apply_rotary
+    from workbench.model import apply_rotary, rotary_tables
 
     S = min(cfg.seq_len, tokens // 2)
     q = rng.normal(0, 1, (2, cfg.n_heads, S, cfg.head_dim)).astype(np.float32)
-    cos, sin = msm.rotary_tables(cfg.seq_len, cfg.head_dim, cfg.rope_base)
+    cos, sin = (t.numpy() for t in rotary_tables(cfg.seq_len, cfg.head_dim, cfg.rope_base))
     ref = apply_rotary(torch.from_numpy(q), torch.from_numpy(cos[:S]), torch.from_numpy(sin[:S]))
     cos_m, sin_m = _m(cos[:S]), _m(sin[:S])
     def rope_forward(q_):
@@ -430,13 +430,14 @@ def _operator_checks(rec: _Recorder, cfg: ModelConfig, tm: torch.nn.Module, mm: 
         rec.add(loss_name, "forward", "forward", _maybe_jit(fm, mode)(_m(logits)), lt)
         rec.add(loss_name, "grad logits", "gradient", _maybe_jit(ms.grad(fm, 0), mode)(_m(logits)), zt.grad)
 
-    # loss-free bias update
-    load = rng.integers(0, 3 * tokens, E)
+    # loss-free bias update: PyTorch's rule on a MindSpore Parameter, as the MindSpore trainer applies it
+    load = rng.integers(0, 3 * tokens, E).astype(np.int32)  # int32: the loads the MindSpore layer returns
     bias = rng.normal(0, 1e-3, E).astype(np.float32)
     for rule in ("sign", "proportional"):
         bt = torch.from_numpy(bias.copy())
-        balance.update_router_bias(bt, torch.from_numpy(load), 1e-3, True, rule)
-        rec.add("loss-free bias update", rule, "forward", msm.update_router_bias(bias, load, 1e-3, True, rule), bt)
+        balance.update_router_bias(bt, torch.from_numpy(load.astype(np.int64)), 1e-3, True, rule)
+        bm = Parameter(Tensor(bias.copy()), name="bias", requires_grad=False)
+        rec.add("loss-free bias update", rule, "forward", msm.update_router_bias(bm, load, 1e-3, True, rule), bt)
 
 
 def _counts(ids_TK: np.ndarray, E: int) -> Tensor:

@@ -45,6 +45,8 @@ from workbench.validation import check, check_choice
 ms = require_mindspore()
 from mindspore import Parameter, Tensor, nn, ops  # noqa: E402
 
+from workbench.moe.balance import BALANCE_LOSSES  # noqa: E402
+from workbench.moe.dispatch import expert_capacity  # noqa: E402
 from workbench.ms.model import MoELM, check_supported, tune_cpu_runtime, update_router_bias  # noqa: E402
 
 MODES = ("pynative", "graph")
@@ -183,7 +185,7 @@ def routing_info(layer: tuple, batch_shape: tuple[int, int], capacity: int | Non
     from workbench.moe.layer import RoutingInfo
     from workbench.moe.routers import RouterOutput
 
-    ids, weights, scores, logits, counts, kept, aux, seq_aux, z, weighted = (np.asarray(t.asnumpy()) for t in layer)
+    ids, weights, scores, logits, counts, kept, *raw, weighted = (np.asarray(t.asnumpy()) for t in layer)
     T, K = ids.shape
     counts_t, kept_t = torch.from_numpy(counts.astype(np.int64)), torch.from_numpy(kept.astype(np.int64))
     dropped = counts_t.sum() - kept_t.sum()
@@ -191,8 +193,7 @@ def routing_info(layer: tuple, batch_shape: tuple[int, int], capacity: int | Non
     stats = DispatchStats(counts_t, kept_t, dropped, torch.zeros((), dtype=torch.long), capacity)
     out = RouterOutput(torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(weights),
                        torch.from_numpy(scores), torch.from_numpy(logits))
-    losses = {"aux_loss": torch.tensor(float(aux)), "seq_aux_loss": torch.tensor(float(seq_aux)),
-              "z_loss": torch.tensor(float(z))}
+    losses = {name: torch.tensor(float(value)) for name, value in zip(BALANCE_LOSSES, raw, strict=True)}
     return RoutingInfo(out, stats, losses, torch.tensor(float(weighted)), batch_shape)
 
 
@@ -267,8 +268,6 @@ class MSTrainer:
         return row
 
     def _capacity(self, num_tokens: int) -> int | None:
-        from workbench.ms.model import expert_capacity
-
         m = self.model_cfg.moe
         if m is None or m.dispatch != "capacity":
             return None
@@ -281,9 +280,7 @@ class MSTrainer:
         for router, layer in zip(self.model.moe_routers(), routing, strict=True):
             load = layer[4].asnumpy()
             if load.sum() > 0:
-                new = update_router_bias(router.bias.asnumpy(), load, m.bias_update_rate, m.bias_recenter,
-                                         m.bias_update_rule)
-                ops.assign(router.bias, Tensor(new))  # in place: a compiled step keeps reading this memory
+                update_router_bias(router.bias, load, m.bias_update_rate, m.bias_recenter, m.bias_update_rule)
 
     def evaluate(self) -> dict[str, float | None]:
         """Validation loss over every validation token and per domain (``val/...`` keys), forward in PyNative."""
