@@ -7,8 +7,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from workbench.config import ModelConfig, MoEConfig, dense_baseline, preset, small, tiny
+from workbench.kernels import cpu as cpu_kernels
 from workbench.model import MoELM
-from workbench.moe import cpu_kernels
 
 VARIANTS = {
     "tiny": tiny(),
@@ -53,15 +53,16 @@ def test_flops_per_token_matches_a_flop_counter(name):
     """Run forward + backward under torch's FlopCounterMode with the loop dispatch (plain mm per
     expert, so every routed token is counted once per chosen expert; expert choice's C and soft
     MoE's slots divide evenly here). The counter sees the matmuls, soft MoE's mixing einsums
-    included (the fused CPU expert kernel is one opaque op to it, so it is switched off);
+    included (the fused CPU kernels are opaque ops to it, so the model is built without them);
     attention's score and value products are added by the formula checked below."""
     cfg = VARIANTS.get(name) or ROUTER_VARIANTS[name]
     if cfg.moe is not None:
         cfg = cfg.replace(moe=MoEConfig(**{**cfg.moe.__dict__, "dispatch": "loop"}))
-    model = MoELM(cfg)
+    with cpu_kernels.fused_cpu_kernel(False):  # the readable model
+        model = MoELM(cfg)
     B, S = 2, cfg.seq_len
     tokens = torch.randint(0, cfg.vocab_size, (B, S))
-    with FlopCounterMode(display=False) as counter, cpu_kernels.fused_cpu_kernel(False):
+    with FlopCounterMode(display=False) as counter:
         model(tokens, tokens).loss.backward()
     counted = counter.get_flop_counts()["Global"]
     matmul = sum(v for k, v in counted.items() if "scaled_dot_product" not in str(k))
@@ -121,9 +122,10 @@ def test_dense_baseline_has_no_routing():
 
 def _counted_matmul_flops(cfg: ModelConfig) -> float:
     """Forward + backward FLOPs per token that torch's FlopCounterMode sees (attention's SDPA aside)."""
-    model = MoELM(cfg)
+    with cpu_kernels.fused_cpu_kernel(False):  # the readable model: the fused kernels are opaque to the counter
+        model = MoELM(cfg)
     tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len))
-    with FlopCounterMode(display=False) as counter, cpu_kernels.fused_cpu_kernel(False):
+    with FlopCounterMode(display=False) as counter:
         model(tokens, tokens).loss.backward()
     counted = counter.get_flop_counts()["Global"]
     return sum(v for k, v in counted.items() if "scaled_dot_product" not in str(k)) / tokens.numel()

@@ -19,6 +19,7 @@ from einops import rearrange
 from torch import nn
 
 from workbench.config import ModelConfig
+from workbench.kernels.cpu import convert_if_enabled
 from workbench.moe import MoELayer, RoutingInfo, SwiGLUExperts, SwiGLUMLP
 
 
@@ -96,6 +97,9 @@ class MoELM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
+        # The fast path beside the readable one: on the CPU, fused kernels for the router, experts and
+        # losses, swapped in by exact class (same parameters and function; WORKBENCH_FUSED_CPU=0: off).
+        convert_if_enabled(self)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -1,4 +1,5 @@
-"""The fused CPU expert kernel computes the readable reference's function, whatever the threads.
+"""The fused CPU expert kernel computes the readable reference's function, whatever the threads,
+with its AVX2 loops and with the plain ones (the `simd` fixture).
 
 The kernel cuts the rows into one range per thread, so an expert can be split between threads
 (its weight gradient is then a sum of partial sums); the tests choose row counts and thread
@@ -16,22 +17,14 @@ import time
 import pytest
 import torch
 
+from tests.kernels.conftest import needs_kernel
 from tests.moe.helpers import random_routing
-from workbench.moe import SwiGLUExperts, cpu_kernels
-from workbench.moe.dispatch import loop_dispatch, sorted_dispatch
+from workbench.kernels.cpu import build, convert, ops
+from workbench.kernels.cpu.modules import experts_fit, fused_sorted_dispatch
+from workbench.moe import SwiGLUExperts
+from workbench.moe.dispatch import loop_dispatch
 
 OUT_TOL, GRAD_TOL = 1e-5, 1e-4
-
-needs_kernel = pytest.mark.skipif(not cpu_kernels.kernel_available(),
-                                  reason="the fused CPU expert kernel cannot be built here (no C++ compiler?)")
-
-
-@pytest.fixture
-def threads(request):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(previous)
 
 
 def make_experts(E: int, D: int, H: int) -> SwiGLUExperts:
@@ -67,8 +60,8 @@ def test_fused_experts_match_the_reference_for_every_thread_partition(case, thre
     experts = make_experts(len(counts), 24, 40)
     x = torch.randn(sum(counts), 24)
     y_ref, g_ref = outputs_and_grads(lambda v: reference_grouped(experts, v, counts), x, experts)
-    y, g = outputs_and_grads(lambda v: cpu_kernels.fused_swiglu_experts(v, experts.w1, experts.w3, experts.w2,
-                                                                         counts), x, experts)
+    y, g = outputs_and_grads(lambda v: ops.fused_swiglu_experts(v, experts.w1, experts.w3, experts.w2, counts),
+                                 x, experts)
     assert y_ref.abs().max() > 0.1
     assert (y - y_ref).abs().max() <= OUT_TOL
     for a, b, what in zip(g, g_ref, ["x", "w1", "w3", "w2"], strict=True):
@@ -90,8 +83,8 @@ def test_fused_swiglu_holds_where_the_sigmoid_saturates_or_vanishes(scale, simd)
     gates = torch.cat([x_e @ experts.w1[e] for e, x_e in enumerate(x.split(counts))])
     assert gates.abs().max() > (50 if scale > 1 else 0)
     y_ref, g_ref = outputs_and_grads(lambda v: reference_grouped(experts, v, counts), x, experts)
-    y, g = outputs_and_grads(lambda v: cpu_kernels.fused_swiglu_experts(v, experts.w1, experts.w3, experts.w2,
-                                                                         counts), x, experts)
+    y, g = outputs_and_grads(lambda v: ops.fused_swiglu_experts(v, experts.w1, experts.w3, experts.w2, counts),
+                                 x, experts)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5 * y_ref.abs().max().item())
     for a, b, what in zip(g, g_ref, ["x", "w1", "w3", "w2"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item(), msg=f"gradient of {what}")
@@ -114,9 +107,8 @@ def test_fused_sorted_dispatch_matches_the_loop_reference(E, K, threads, simd):
         return y, torch.autograd.grad(y, [x_, routing.weights_TK, experts.w1, experts.w3, experts.w2], grad_y)
 
     y_ref, g_ref = run(loop_dispatch)
-    with cpu_kernels.fused_cpu_kernel(True):
-        assert cpu_kernels.fused_kernel_applies(x, experts.w1)
-        y, g = run(sorted_dispatch)
+    assert experts_fit(x, experts.w1)
+    y, g = run(fused_sorted_dispatch)
     assert (y - y_ref).abs().max() <= OUT_TOL
     for a, b, what in zip(g, g_ref, ["x", "weights", "w1", "w3", "w2"], strict=True):
         assert (a - b).abs().max() <= GRAD_TOL, f"gradient of {what}"
@@ -129,7 +121,7 @@ def test_fused_kernel_is_deterministic(threads):
     counts = [40, 0, 77, 13, 60]
     experts = make_experts(len(counts), 16, 32)
     x = torch.randn(sum(counts), 16)
-    fused = lambda v: cpu_kernels.fused_swiglu_experts(v, experts.w1, experts.w3, experts.w2, counts)
+    fused = lambda v: ops.fused_swiglu_experts(v, experts.w1, experts.w3, experts.w2, counts)
     first, second = outputs_and_grads(fused, x, experts), outputs_and_grads(fused, x, experts)
     assert torch.equal(first[0], second[0])
     assert all(torch.equal(a, b) for a, b in zip(first[1], second[1], strict=True))
@@ -137,7 +129,7 @@ def test_fused_kernel_is_deterministic(threads):
 
 @needs_kernel
 def test_fused_kernel_rejects_inconsistent_inputs_with_a_clear_error():
-    kernel = cpu_kernels.load_kernel()
+    kernel = build.load_kernel()
     experts = make_experts(3, 8, 16)
     w = (experts.w1.detach(), experts.w3.detach(), experts.w2.detach())
     with pytest.raises(RuntimeError, match="counts must be >= 0 and add up to the number of rows"):
@@ -149,32 +141,34 @@ def test_fused_kernel_rejects_inconsistent_inputs_with_a_clear_error():
 
 
 def test_without_a_compiler_the_experts_fall_back_with_one_warning(monkeypatch, tmp_path):
-    """A kernel that cannot be built (here: a source that does not compile) leaves the same
-    function computed by F.grouped_mm, and says so once."""
+    """A kernel that cannot be built (here: a source that does not compile) leaves a converted
+    module computing the same function with F.grouped_mm, and says so once."""
     broken = tmp_path / "broken.cpp"
     broken.write_text('#error "this build is meant to fail"\n')
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
-    monkeypatch.setattr(cpu_kernels, "_SOURCES", [broken])
-    monkeypatch.setattr(cpu_kernels, "_module", None)
-    monkeypatch.setattr(cpu_kernels, "_build_failed", False)
-    monkeypatch.setattr(cpu_kernels, "_enabled", True)
+    monkeypatch.setattr(build, "_SOURCES", [broken])
+    monkeypatch.setattr(build, "_module", None)
+    monkeypatch.setattr(build, "_build_failed", False)
     with pytest.warns(RuntimeWarning, match="could not be built"):
-        assert cpu_kernels.load_kernel() is None
+        assert build.load_kernel() is None
     counts = [5, 0, 7]
-    experts = make_experts(3, 8, 16)
+    experts = convert(make_experts(3, 8, 16))
     x = torch.randn(12, 8)
-    assert not cpu_kernels.fused_kernel_applies(x, experts.w1)  # and no second warning or build
+    assert not experts_fit(x, experts.w1)  # and no second warning or build
     torch.testing.assert_close(experts.forward_grouped(x, counts), reference_grouped(experts, x, counts),
                                atol=OUT_TOL, rtol=0)
 
 
-def test_environment_switch_turns_the_kernel_off():
-    code = ("import torch; from workbench.moe import cpu_kernels; "
-            "print(cpu_kernels.fused_kernel_applies(torch.randn(4, 8), torch.randn(2, 8, 16)))")
-    env = {**os.environ, "WORKBENCH_FUSED_CPU": "0"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
-                         stdin=subprocess.DEVNULL)
-    assert out.stdout.strip() == "False"
+def test_environment_switch_builds_the_readable_model():
+    code = ("from workbench.config import preset; from workbench.model import MoELM; "
+            "print(sorted({type(m).__name__ for m in MoELM(preset('tiny')).modules() if 'Fused' in type(m).__name__}))")
+    outputs = {}
+    for value in ("0", "1"):
+        env = {**os.environ, "WORKBENCH_FUSED_CPU": value}
+        outputs[value] = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                        check=True, stdin=subprocess.DEVNULL).stdout.strip()
+    assert outputs["0"] == "[]"
+    assert outputs["1"] == "['FusedMoELayer', 'FusedSoftmaxTopKRouter', 'FusedSwiGLUExperts']"
 
 
 @needs_kernel
@@ -187,8 +181,8 @@ def test_fused_sorted_dispatch_runs_bf16_weights_close_to_fp32():
     y_ref, _ = loop_dispatch(x, routing, experts)
     experts_bf16 = make_experts(E, D, H).to(torch.bfloat16)
     experts_bf16.load_state_dict(experts.state_dict())
-    assert cpu_kernels.fused_kernel_applies(x.bfloat16(), experts_bf16.w1)
-    y, _ = sorted_dispatch(x.bfloat16(), routing, experts_bf16)
+    assert experts_fit(x.bfloat16(), experts_bf16.w1)
+    y, _ = fused_sorted_dispatch(x.bfloat16(), routing, experts_bf16)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), y_ref, atol=0.05, rtol=0.05)
 
@@ -201,8 +195,8 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
     old = time.time() - 3600
     os.utime(stale, (old, old))
     with pytest.warns(RuntimeWarning, match="stale build lock"):
-        cpu_kernels._remove_stale_lock(stale)
-    cpu_kernels._remove_stale_lock(fresh)
+        build._remove_stale_lock(stale)
+    build._remove_stale_lock(fresh)
     assert not stale.exists() and fresh.exists()
 
 
@@ -210,11 +204,11 @@ def test_the_build_folder_is_keyed_by_environment_torch_version_and_source(monke
     """torch's build file records the environment's absolute paths, so two virtual environments
     sharing one build folder would rebuild it in turn: each environment gets its own folder,
     and one environment always finds the same one."""
-    name = cpu_kernels._extension_name()
-    assert name == cpu_kernels._extension_name()
+    name = build._extension_name()
+    assert name == build._extension_name()
     monkeypatch.setattr(sys, "prefix", str(tmp_path / "other-venv"))
-    other = cpu_kernels._extension_name()
+    other = build._extension_name()
     assert other != name and other.rsplit("_env", 1)[0] == name.rsplit("_env", 1)[0]
-    monkeypatch.setattr(cpu_kernels, "_SOURCES", [*cpu_kernels._SOURCES[:-1], tmp_path / "changed.cpp"])
+    monkeypatch.setattr(build, "_SOURCES", [*build._SOURCES[:-1], tmp_path / "changed.cpp"])
     (tmp_path / "changed.cpp").write_text("// another kernel source\n")
-    assert cpu_kernels._extension_name().rsplit("_env", 1)[0] != name.rsplit("_env", 1)[0]
+    assert build._extension_name().rsplit("_env", 1)[0] != name.rsplit("_env", 1)[0]

@@ -1,7 +1,8 @@
 """The fused CPU routing kernels compute the readable reference's functions, whatever the threads,
 with their AVX2 loops and with the plain ones (the `simd` fixture).
 
-Each test runs the same call with the kernel on and off (``cpu_kernels.fused_cpu_kernel``): the
+Each test runs the same call on a module converted to the kernels (``workbench.kernels.cpu.convert``,
+on a copy) and on the readable module, or calls a kernel op beside the function it replaces: the
 softmax top-k router (gate, softmax, selection, gates, and the backward of all of them), the
 counting sort of the token-expert pairs, the Switch auxiliary loss with its gradient, and the
 values of the losses that are only reported. Tolerances: 1e-5 relative for values, 1e-4 for
@@ -10,19 +11,21 @@ gradients (fp32); selections must be identical.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import pytest
 import torch
 
+from tests.kernels.conftest import needs_kernel
 from workbench.config import preset
-from workbench.moe import balance, cpu_kernels
+from workbench.kernels.cpu import convert, ops
+from workbench.kernels.cpu.modules import FusedSoftmaxTopKRouter, fp32_on_cpu
+from workbench.moe import balance
 from workbench.moe.layer import MoELayer
 from workbench.moe.permutation import sort_pairs_by_expert
 from workbench.moe.routers import RouterOutput, build_router
 
-needs_kernel = pytest.mark.skipif(not cpu_kernels.kernel_available(),
-                                  reason="the fused CPU kernels cannot be built here (no C++ compiler?)")
 pytestmark = needs_kernel
 
 
@@ -34,13 +37,11 @@ def threads(request):
     torch.set_num_threads(previous)
 
 
-def both_ways(fn):
-    """fn() with the fused kernels, then without them."""
-    results = []
-    for enabled in (True, False):
-        with cpu_kernels.fused_cpu_kernel(enabled):
-            results.append(fn())
-    return results
+def both_ways(module, fn):
+    """(fn(a converted copy of module), fn(module)): with the fused kernels, then without them."""
+    fused = convert(copy.deepcopy(module))
+    assert type(fused) is not type(module), "nothing was converted"
+    return fn(fused), fn(module)
 
 
 def in_expert_order(ids_TK: torch.Tensor, values_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,16 +72,15 @@ def test_fused_router_equals_the_reference_forward_and_backward(case, threads, s
     K, E = cfg.top_k, cfg.num_experts
     grads = [torch.randn(1500, E), torch.randn(1500, K), torch.randn(1500, E)]  # probs, gates, logits
 
-    def run():
+    def run(router):
         x_leaf = x.clone().requires_grad_()
-        router.weight.grad = None
         out = router(x_leaf)
         ids, weights = in_expert_order(out.expert_ids_TK, out.weights_TK)
         loss = (out.scores_TE * grads[0]).sum() + (weights * grads[1]).sum() + (out.logits_TE * grads[2]).sum()
         loss.backward()
         return ids, weights, out.scores_TE, out.logits_TE, x_leaf.grad, router.weight.grad.clone()
 
-    fused, reference = both_ways(run)
+    fused, reference = both_ways(router, run)
     assert torch.equal(fused[0], reference[0]), "the fused router selected other experts"
     for name, a, b, tol in zip(["gates", "scores", "logits", "grad x", "grad weight"], fused[1:], reference[1:],
                                [1e-5, 1e-5, 1e-5, 1e-4, 1e-4], strict=True):
@@ -94,11 +94,11 @@ def test_fused_router_passes_gradient_only_to_the_outputs_used(threads):
     router = build_router(32, cfg).train()
     x = torch.randn(300, 32)
     for pick in (lambda o: o.weights_TK.square().sum(), lambda o: (o.scores_TE ** 3).sum()):
-        def run(pick=pick):
+        def run(router, pick=pick):
             x_leaf = x.clone().requires_grad_()
             (gx,) = torch.autograd.grad(pick(router(x_leaf)), [x_leaf])
             return gx
-        fused, reference = both_ways(run)
+        fused, reference = both_ways(router, run)
         torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-6)
 
 
@@ -116,13 +116,13 @@ def test_router_softmax_holds_over_a_wide_range_of_logits(num_experts, simd):
     router = build_router(32, cfg).train()
     x = torch.randn(600, 32) * torch.logspace(-3, 2.5, 600).unsqueeze(1)
     with torch.no_grad():
-        fused, reference = both_ways(lambda: router(x))
+        fused, reference = both_ways(router, lambda r: r(x))
     assert (reference.logits_TE.max(1).values - reference.logits_TE.min(1).values).max() > 200
     # a dot product's rounding error scales with sum_d |x_d w_d|, not with the (cancelling) result
     rounding_scale_TE = x.abs() @ router.weight.detach().abs().t()
     assert ((fused.logits_TE - reference.logits_TE).abs() <= 1e-5 * rounding_scale_TE).all()
     torch.testing.assert_close(fused.scores_TE, fused.logits_TE.softmax(dim=1), rtol=1e-5, atol=1e-30)
-    z_fused = cpu_kernels.balance_loss_values(fused, 6)["z_loss"]
+    z_fused = ops.balance_loss_values(fused, 6)["z_loss"]
     torch.testing.assert_close(z_fused, balance.router_z_loss(fused.logits_TE), rtol=1e-5, atol=0)
     ranked = reference.scores_TE.sort(dim=1, descending=True).values
     kth, next_best = ranked[:, K - 1], ranked[:, K]
@@ -132,15 +132,21 @@ def test_router_softmax_holds_over_a_wide_range_of_logits(num_experts, simd):
     assert torch.equal(ids_fused[decided], ids_reference[decided])
 
 
-def test_the_fused_router_is_taken_only_where_it_applies():
-    """fp32 CPU input and gate: yes; a bf16 gate: the readable path."""
+def test_the_fused_router_runs_only_where_its_kernel_fits_and_the_readable_router_elsewhere():
+    """fp32 CPU input and gate: the kernel; a bf16 gate or fp64 input: the readable parent's code."""
     router = build_router(16, preset("tiny").moe)
     x = torch.randn(10, 16)
-    assert cpu_kernels.fused_router_applies(x, router.weight)
-    assert not cpu_kernels.fused_router_applies(x, router.weight.bfloat16())
-    assert not cpu_kernels.fused_router_applies(x.double(), router.weight)
-    with cpu_kernels.fused_cpu_kernel(False):
-        assert not cpu_kernels.fused_router_applies(x, router.weight)
+    assert fp32_on_cpu(x, router.weight)
+    assert not fp32_on_cpu(x, router.weight.bfloat16())
+    assert not fp32_on_cpu(x.double(), router.weight)
+    fused = convert(copy.deepcopy(router))
+    assert type(fused) is FusedSoftmaxTopKRouter
+    fused.double(), router.double()
+    out_fused, out_ref = fused(x.double()), router(x.double())
+    assert out_fused.logits_TE.dtype == torch.float32  # routing runs in fp32 (the readable rule)
+    for a, b in zip((out_fused.expert_ids_TK, out_fused.weights_TK, out_fused.logits_TE),
+                    (out_ref.expert_ids_TK, out_ref.weights_TK, out_ref.logits_TE), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_counting_sort_equals_the_stable_argsort():
@@ -149,7 +155,7 @@ def test_counting_sort_equals_the_stable_argsort():
     ids_TK = torch.randint(0, E, (513, 3))
     ids_TK[:, 0] = 2  # a crowded expert, and (with E = 7 and few draws elsewhere) maybe empty ones
     routing = RouterOutput(ids_TK, torch.rand(513, 3), torch.rand(513, E), torch.randn(513, E))
-    fused = cpu_kernels.sort_pairs_by_expert(ids_TK, E)
+    fused = ops.sort_pairs_by_expert(ids_TK, E)
     reference = sort_pairs_by_expert(routing, E)
     assert torch.equal(fused.sorted_to_pair_N, reference.sorted_to_pair_N)
     assert torch.equal(fused.pair_to_sorted_N, reference.pair_to_sorted_N)
@@ -159,7 +165,7 @@ def test_counting_sort_equals_the_stable_argsort():
 
 def test_counting_sort_refuses_an_out_of_range_expert():
     with pytest.raises(RuntimeError, match="expert id 9 out of range"):
-        cpu_kernels.sort_pairs_by_expert(torch.tensor([[0, 9]]), 8)
+        ops.sort_pairs_by_expert(torch.tensor([[0, 9]]), 8)
 
 
 @pytest.mark.parametrize("scores", ["softmax", "sigmoid"])
@@ -169,13 +175,13 @@ def test_fused_switch_aux_loss_equals_the_reference_value_and_gradient(scores, s
     s = (logits.softmax(-1) if scores == "softmax" else logits.sigmoid()).requires_grad_()
     ids = torch.randint(0, 8, (777, 2))
 
-    def run():
+    def run(aux_loss):
         s.grad = None
-        loss = balance.switch_aux_loss(s, ids)
+        loss = aux_loss(s, ids)
         (0.37 * loss).backward()
         return loss.detach(), s.grad.clone()
 
-    (loss_f, grad_f), (loss_r, grad_r) = both_ways(run)
+    (loss_f, grad_f), (loss_r, grad_r) = run(ops.fused_switch_aux_loss), run(balance.switch_aux_loss)
     torch.testing.assert_close(loss_f, loss_r, rtol=1e-5, atol=0)
     torch.testing.assert_close(grad_f, grad_r, rtol=1e-4, atol=1e-4 * grad_r.abs().max().item())
 
@@ -186,13 +192,12 @@ def test_reported_loss_values_equal_the_reference_functions(router, simd):
     cfg = replace(preset("tiny").moe, router=router)
     B, S = 6, 40
     out = build_router(32, cfg)(torch.randn(B * S, 32) * 3)
-    values = cpu_kernels.balance_loss_values(out, B)
-    with cpu_kernels.fused_cpu_kernel(False):
-        reference = {
-            "aux_loss": balance.switch_aux_loss(out.scores_TE, out.expert_ids_TK),
-            "seq_aux_loss": balance.sequence_aux_loss(out.scores_TE.view(B, S, -1), out.expert_ids_TK.view(B, S, -1)),
-            "z_loss": balance.router_z_loss(out.logits_TE),
-        }
+    values = ops.balance_loss_values(out, B)
+    reference = {
+        "aux_loss": balance.switch_aux_loss(out.scores_TE, out.expert_ids_TK),
+        "seq_aux_loss": balance.sequence_aux_loss(out.scores_TE.view(B, S, -1), out.expert_ids_TK.view(B, S, -1)),
+        "z_loss": balance.router_z_loss(out.logits_TE),
+    }
     assert values.keys() == reference.keys()
     for name, value in values.items():
         torch.testing.assert_close(value, reference[name].detach(), rtol=1e-5, atol=0, msg=name)
@@ -209,34 +214,15 @@ def test_the_layer_reports_and_weights_the_same_losses_with_and_without_kernels(
     layer = MoELayer(32, cfg).train()
     x = torch.randn(2, 4, 50, 32)
 
-    def run():
-        layer.zero_grad()
-        layer.aux_counts_since_step.zero_()
+    def run(layer):
         layer(x[0])
         _, info = layer(x[1])
         info.weighted_loss.backward()
         return {k: v.detach() for k, v in info.losses.items()}, info.weighted_loss.detach(), layer.router.weight.grad
 
-    (losses_f, weighted_f, grad_f), (losses_r, weighted_r, grad_r) = both_ways(run)
+    (losses_f, weighted_f, grad_f), (losses_r, weighted_r, grad_r) = both_ways(layer, run)
     assert list(losses_f) == list(losses_r) == ["aux_loss", "seq_aux_loss", "z_loss"]
     for name in losses_r:
         torch.testing.assert_close(losses_f[name], losses_r[name], rtol=1e-5, atol=0, msg=name)
     torch.testing.assert_close(weighted_f, weighted_r, rtol=1e-5, atol=0)
     torch.testing.assert_close(grad_f, grad_r, rtol=1e-4, atol=1e-4 * grad_r.abs().max().item())
-
-
-def test_routing_metrics_are_the_same_with_and_without_kernels():
-    """Router confidence and gate mass (the metrics' one kernel pass) against the tensor ops."""
-    from workbench.moe.metrics import routing_metrics
-
-    cfg = preset("tiny").moe
-    layer = MoELayer(48, cfg).train()
-    _, info = layer(torch.randn(4, 50, 48) * 2)
-    assert cpu_kernels.routing_summary_applies(info.router_output)
-    fused, reference = both_ways(lambda: routing_metrics(info))
-    assert fused.keys() == reference.keys()
-    assert fused["router_confidence"] == pytest.approx(reference["router_confidence"], rel=1e-6)
-    assert fused["gate_mass"] == pytest.approx(reference["gate_mass"], rel=1e-6, abs=1e-12)
-    assert {k: v for k, v in fused.items() if k not in ("router_confidence", "gate_mass")} == \
-        {k: v for k, v in reference.items() if k not in ("router_confidence", "gate_mass")}
-

@@ -2,7 +2,8 @@
 
 Tolerances (max abs error): outputs 1e-5, gradients 1e-4. Weights are scaled so that outputs
 are O(1); with the model's 0.02 init every error would be trivially small. The ``expert_kernel``
-fixture (``conftest.py``) runs a test with the fused CPU expert kernel and without it.
+fixture (``conftest.py``) runs a test with the fused CPU kernels (converted modules, the fused
+sorted dispatch) and without them.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def run(dispatch, x, routing, experts, **kw):
 @pytest.mark.parametrize("E,K", [(8, 2), (4, 1), (6, 3), (1, 1)])
 def test_dispatches_agree_with_loop_reference(D, H, E, K, expert_kernel):
     T = 96
-    experts = make_experts(E, D, H)
+    experts = expert_kernel.convert(make_experts(E, D, H))
     x = torch.randn(T, D)
     routing = random_routing(T, E, K, requires_grad=True)
     y_ref, stats_ref, g_ref = run(loop_dispatch, x, routing, experts)
@@ -46,7 +47,7 @@ def test_dispatches_agree_with_loop_reference(D, H, E, K, expert_kernel):
 
     no_drop_factor = E / K  # C = T: no expert can overflow
     for name, kw in [("sorted", {}), ("capacity", {"capacity_factor": no_drop_factor})]:
-        y, stats, g = run(DISPATCHES[name], x, routing, experts, **kw)
+        y, stats, g = run(expert_kernel.dispatch(name), x, routing, experts, **kw)
         assert (y - y_ref).abs().max() <= OUT_TOL, name
         for a, b, what in zip(g, g_ref, ["x", "weights", "w1", "w2", "w3"], strict=True):
             assert (a - b).abs().max() <= GRAD_TOL, f"{name}: gradient of {what}"
@@ -81,7 +82,7 @@ def test_layer_dispatches_agree_end_to_end_with_shared_expert_and_router_gradien
         torch.manual_seed(3)
         cfg = MoEConfig(num_experts=8, top_k=2, expert_hidden=32, dispatch=name, capacity_factor=4.0,
                         num_shared_experts=1, shared_expert_gate=True)
-        layer = MoELayer(16, cfg)
+        layer = expert_kernel.convert(MoELayer(16, cfg))
         layer.experts.reset_parameters(std=0.25, out_std=0.2)
         x = torch.randn(2, 24, 16, requires_grad=True)
         y, info = layer(x)
@@ -195,7 +196,7 @@ def test_dispatch_under_bf16_autocast_keeps_routing_in_fp32():
 @pytest.mark.parametrize("E,K", [(8, 3), (4, 4), (6, 1)])
 def test_dispatches_agree_with_loop_reference_under_a_slot_mask(D, H, E, K, expert_kernel):
     T = 96
-    experts = make_experts(E, D, H)
+    experts = expert_kernel.convert(make_experts(E, D, H))
     x = torch.randn(T, D)
     routing = random_masked_routing(T, E, K, requires_grad=True)
     mask = routing.mask_TK
@@ -214,7 +215,7 @@ def test_dispatches_agree_with_loop_reference_under_a_slot_mask(D, H, E, K, expe
 
     no_drop_factor = float(E)  # C = number of real pairs: no expert can overflow
     for name, kw in [("sorted", {}), ("capacity", {"capacity_factor": no_drop_factor})]:
-        y, stats, g = run(DISPATCHES[name], x, routing, experts, **kw)
+        y, stats, g = run(expert_kernel.dispatch(name), x, routing, experts, **kw)
         assert (y - y_ref).abs().max() <= OUT_TOL, name
         for a, b, what in zip(g, g_ref, ["x", "weights", "w1", "w2", "w3"], strict=True):
             assert (a - b).abs().max() <= GRAD_TOL, f"{name}: gradient of {what}"
@@ -250,7 +251,7 @@ def test_layer_dispatches_agree_end_to_end_with_expert_choice(expert_kernel):
         torch.manual_seed(4)
         cfg = MoEConfig(router="expert_choice", num_experts=8, top_k=2, expert_hidden=32, dispatch=name,
                         capacity_factor=8.0, num_shared_experts=1, z_loss_weight=0.1)
-        layer = MoELayer(16, cfg)
+        layer = expert_kernel.convert(MoELayer(16, cfg))
         layer.experts.reset_parameters(std=0.25, out_std=0.2)
         x = torch.randn(2, 24, 16, requires_grad=True)
         y, info = layer(x)

@@ -30,7 +30,7 @@ def per_sequence(x, routing, experts, B, S, factor, **kw):
 @pytest.mark.parametrize("factor", [None, "no_drop"])
 def test_per_sequence_capacity_agrees_with_loop_reference_when_nothing_drops(E, K, factor, expert_kernel):
     B, S, D, H = 3, 20, 32, 64
-    experts = make_experts(E, D, H)
+    experts = expert_kernel.convert(make_experts(E, D, H))
     x = torch.randn(B * S, D)
     routing = random_routing(B * S, E, K, requires_grad=True)
     factor = E / K if factor == "no_drop" else None  # both give C = S: no expert can overflow

@@ -7,6 +7,7 @@ One launch runs every case (starting processes is the slow part); each case is i
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.parallel.conftest import assert_pairs_close, requires_gloo
 from tests.parallel.workers import LAYER_CASES, layer_equivalence
@@ -38,3 +39,18 @@ def test_silent_experts_really_get_no_token_and_a_zero_gradient(results):
     for name in ("grad/experts.w1", "grad/experts.w2", "grad/experts.w3"):
         got, _ = pairs[name]
         assert got.abs().max() == 0, name
+
+
+def test_the_expert_parallel_layer_keeps_everything_its_constructor_built():
+    """Expert parallelism changes a built layer's experts, dispatch and rank sum, nothing else: a
+    buffer that a subclass's (or a future) constructor registers is there on every rank."""
+    from tests.parallel.workers import parallel_layer_keeps_what_the_constructor_built
+
+    results = run_local(parallel_layer_keeps_what_the_constructor_built, nprocs=2, expert_parallel=2, timeout_s=120)
+    for rank, got in enumerate(results):
+        assert got["class"] == "_LayerWithANewBuffer"
+        assert torch.equal(got["buffers"]["decode_cache"], torch.full((3,), 7.0))
+        assert {"load_since_update", "aux_counts_since_step"} <= set(got["buffers"])
+        assert got["dispatch"] == "ExpertParallelDispatch"
+        assert (got["first_expert"], got["local_experts"]) == (2 * rank, 2)
+        assert got["y_shape"] == (2, 6, 8)

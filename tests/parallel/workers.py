@@ -12,7 +12,7 @@ from workbench.moe import MoEConfig, MoELayer
 from workbench.moe.balance import assignment_counts
 from workbench.parallel.context import ParallelContext
 from workbench.parallel.grads import split_parameters, sync_gradients
-from workbench.parallel.layer import ExpertParallelMoELayer, sharded_parameters
+from workbench.parallel.layer import parallelize_layer, sharded_parameters
 
 D_MODEL, BATCH, SEQ = 8, 2, 6
 
@@ -99,14 +99,15 @@ def layer_equivalence(ctx: ParallelContext, cases: list[LayerCase]) -> dict[str,
         ref_grads = {n: p.grad.clone() for n, p in reference.named_parameters()}
         reference.finish_step()
 
-        layer = ExpertParallelMoELayer(_layer(case), ctx)
+        layer = parallelize_layer(_layer(case), ctx)
         run = _run(layer, xs[ctx.rank], grad_ys[ctx.rank])
         replicated, sharded = split_parameters(layer, sharded_parameters(layer))
         sync_gradients(replicated, sharded, ctx)
         layer.finish_step()
 
         pairs = {k: (v, ref_runs[ctx.rank][k]) for k, v in run.items()}
-        lo, hi = layer.expert_lo, layer.expert_hi
+        lo = layer.experts.first_expert
+        hi = lo + layer.experts.num_experts
         for name, p in layer.named_parameters():
             want = ref_grads[name][lo:hi] if name.startswith("experts.") else ref_grads[name]
             pairs[f"grad/{name}"] = (p.grad.clone(), want)
@@ -130,3 +131,22 @@ def train_runs(ctx: ParallelContext, model_cfg: dict, train_cfg: dict, resume_di
         start = out["resumed_from_step"] = resumed.step
         out["resumed"] = [row for row in resumed.fit() if row["step"] > start]
     return out
+
+
+class _LayerWithANewBuffer(MoELayer):
+    """``MoELayer`` as it would be if its constructor registered one more buffer (a decode cache, say)."""
+
+    def __init__(self, d_model: int, cfg: MoEConfig):
+        super().__init__(d_model, cfg)
+        self.register_buffer("decode_cache", torch.full((3,), 7.0))
+
+
+def parallel_layer_keeps_what_the_constructor_built(ctx: ParallelContext) -> dict[str, Any]:
+    """Build a layer whose constructor added a buffer, make it expert parallel, run it: what it holds."""
+    torch.manual_seed(0)
+    layer = parallelize_layer(_LayerWithANewBuffer(D_MODEL, LAYER_CASES[0].moe_config()).train(), ctx)
+    xs, grad_ys = _inputs(ctx.world_size)
+    run = _run(layer, xs[ctx.rank], grad_ys[ctx.rank])
+    return {"class": type(layer).__name__, "buffers": dict(layer.named_buffers()),
+            "dispatch": type(layer.dispatch).__name__, "local_experts": layer.experts.num_experts,
+            "first_expert": layer.experts.first_expert, "y_shape": tuple(run["y"].shape)}

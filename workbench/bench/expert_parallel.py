@@ -65,7 +65,7 @@ def _time_training(ctx, preset_name: str, batch_size: int, grad_accum: int, warm
 
 def machine_info() -> dict[str, Any]:
     """What the figures were measured on."""
-    from workbench.moe import cpu_kernels
+    from workbench.kernels import cpu as cpu_kernels
 
     model = platform.processor()
     try:
@@ -76,7 +76,7 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     return {"cpu": model, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "fused_cpu_kernel": cpu_kernels.kernel_available()}
+            "torch": torch.__version__, "fused_cpu_kernel": cpu_kernels.enabled() and cpu_kernels.kernel_available()}
 
 
 def run_expert_parallel_bench(preset: str = "small", *, nprocs: int = 2, expert_parallel: int = 2,

@@ -28,7 +28,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from workbench.validation import check, check_choice, check_int
 SWEEPS = ("tokens", "granularity", "top_k", "capacity_factor")
 ROUTINGS = ("learned", "uniform")  # softmax top-k as trained, or forced round-robin balance
 DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+MINDSPORE_MODES = ("pynative", "graph")  # workbench.ms.bench.MODES; that module is imported only to run
 
 
 # --- backends ---------------------------------------------------------------------------------
@@ -132,7 +133,7 @@ def _version(package: str) -> str | None:
 
 def environment() -> dict[str, Any]:
     """What the figures were measured on, and when."""
-    from workbench.moe import cpu_kernels
+    from workbench.kernels import cpu as cpu_kernels
 
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -140,7 +141,8 @@ def environment() -> dict[str, Any]:
         "platform": platform.platform(), "python": platform.python_version(),
         "torch": torch.__version__, "torch_npu": _version("torch_npu"), "mindspore": _version("mindspore"),
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "fused_cpu_kernel": cpu_kernels.kernel_available(), "load_average": list(os.getloadavg()),
+        "fused_cpu_kernel": cpu_kernels.enabled() and cpu_kernels.kernel_available(),
+        "load_average": list(os.getloadavg()),
         # another job of this project's machine runs while /tmp/wb-busy exists: figures are then shared
         "machine_shared": Path("/tmp/wb-busy").exists(),
     }
@@ -248,14 +250,14 @@ def summarize(step_s: list[float], *, tokens: int, flops_per_step: float, matmul
 class LayerCase:
     """One MoE layer measurement: shape, dispatch, routing, pass."""
 
-    tokens: int = 4096
-    d_model: int = 256
-    num_experts: int = 16
-    top_k: int = 2
-    expert_hidden: int = 512
+    tokens: int = 4096  # tokens per step (T)
+    d_model: int = 256  # model width (D)
+    num_experts: int = 16  # experts (E)
+    top_k: int = 2  # experts per token (K)
+    expert_hidden: int = 512  # expert hidden size (H)
     dispatch: str = "sorted"
     routing: str = "learned"
-    capacity_factor: float | None = 1.25
+    capacity_factor: float | None = 1.25  # capacity dispatch: slots per expert = capacity_factor x T x K / E
     backward: bool = True
 
     def __post_init__(self) -> None:
@@ -428,21 +430,23 @@ def measure_mindspore(kind: str, *, preset_name: str = "small", batch_size: int 
 
 @dataclass(kw_only=True)
 class ThroughputConfig:
-    """What ``run_throughput`` measures. ``smoke`` shrinks every size for a quick check."""
+    """What ``run_throughput`` measures (``smoke_config``: every size shrunk for a quick check). Each
+    field, and each of ``base``'s sizes, is a flag of ``workbench bench throughput``; the comment is its help."""
 
     base: LayerCase = LayerCase()
-    dispatches: tuple[str, ...] = ("sorted", "capacity", "loop")
-    routings: tuple[str, ...] = ROUTINGS
-    sweeps: tuple[str, ...] = SWEEPS
-    presets: tuple[str, ...] = ("tiny", "small")
-    model_batch_size: int = 8
-    mindspore: bool = True
-    mindspore_mode: str = "graph"  # GRAPH compiles during the warm-up steps
-    mindspore_presets: tuple[str, ...] | None = None  # whole models timed in MindSpore; None: ``presets``
-    device: str = "cpu"
-    dtype: str = "float32"
-    repeats: int = 10
-    warmup: int = 2
+    dispatches: tuple[str, ...] = ("sorted", "capacity", "loop")  # comma-separated dispatches to time
+    routings: tuple[str, ...] = field(default=ROUTINGS, metadata={"allowed": ROUTINGS})  # comma-separated
+    sweeps: tuple[str, ...] = field(default=SWEEPS, metadata={"allowed": SWEEPS})  # comma-separated; empty: none
+    presets: tuple[str, ...] = ("tiny", "small")  # comma-separated whole models to time
+    model_batch_size: int = field(default=8, metadata={"flag": "batch-size"})  # sequences per step of the models
+    mindspore: bool = True  # time MindSpore too, where it is installed
+    # GRAPH compiles during the warm-up steps
+    mindspore_mode: str = field(default="graph", metadata={"choices": MINDSPORE_MODES})  # how MindSpore runs
+    mindspore_presets: tuple[str, ...] | None = None  # whole models timed in MindSpore; None: the presets
+    device: str = "cpu"  # cpu, cuda[:N] or npu[:N]
+    dtype: str = field(default="float32", metadata={"choices": DTYPES})  # parameter dtype
+    repeats: int = 10  # timed steps per measurement (median)
+    warmup: int = 2  # untimed steps first
     peak_matmul_size: int = 2048  # n of the n x n x n matmul that measures this machine's peak
     peak_copy_bytes: int = 256 << 20  # bytes of the copy that measures its bandwidth
 
@@ -458,6 +462,7 @@ class ThroughputConfig:
         for name, minimum in (("repeats", 1), ("warmup", 0), ("model_batch_size", 1)):
             check_int(name, getattr(self, name), minimum)
         check_choice("dtype", self.dtype, DTYPES)
+        check_choice("mindspore_mode", self.mindspore_mode, MINDSPORE_MODES)
 
 
 def smoke_config(**overrides: Any) -> ThroughputConfig:

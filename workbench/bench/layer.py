@@ -5,13 +5,15 @@ is the median over rounds of the two variants' time ratio *within* a round, so a
 of a shared machine (which lasts seconds) slows both sides of each ratio alike; the report
 also gives each variant's median time.
 
-On CPU the ``sorted`` and ``capacity`` dispatches run their experts with the fused kernel of
-``workbench.moe.cpu_kernels`` when it builds; ``sorted_unfused`` times ``sorted`` with that
-kernel switched off (one ``F.grouped_mm`` per weight matrix), to show what the kernel adds.
+The MoE layers are converted to the fused CPU kernels as a model is when it is built
+(``workbench.kernels.cpu.convert_if_enabled``), so on CPU ``sorted`` and ``capacity`` run their
+experts with the fused kernel when it builds; ``sorted_unfused`` times a readable copy of the
+same ``sorted`` layer (one ``F.grouped_mm`` per weight matrix), to show what the kernels add.
 """
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,7 +21,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from workbench.config import MoEConfig
-from workbench.moe import MoELayer, SwiGLUMLP, cpu_kernels
+from workbench.kernels import cpu as cpu_kernels
+from workbench.moe import MoELayer, SwiGLUMLP
 from workbench.validation import check, check_choice, check_int
 
 UNFUSED_SUFFIX = "_unfused"
@@ -28,19 +31,22 @@ DTYPES = ("float32", "bfloat16")
 
 @dataclass(kw_only=True)
 class LayerBenchConfig:
-    tokens: int = 4096
-    d_model: int = 256
-    expert_hidden: int = 512
-    num_experts: int = 16
-    top_k: int = 2
-    dispatches: tuple[str, ...] = ("sorted", "capacity", "loop")
-    compare_unfused: bool = True  # on CPU, also time sorted without the fused expert kernel
-    capacity_factor: float = 1.25
-    repeats: int = 30
-    warmup: int = 3
-    dtype: str = "float32"
-    device: str = "cpu"
-    seed: int = 0
+    """What ``workbench bench layer`` times; each field is one of its flags (the comment is its help)."""
+
+    tokens: int = 4096  # tokens in the batch (T)
+    d_model: int = 256  # model width (D)
+    expert_hidden: int = 512  # expert hidden size (H)
+    num_experts: int = 16  # experts (E)
+    top_k: int = 2  # experts per token (K)
+    dispatches: tuple[str, ...] = ("sorted", "capacity", "loop")  # comma-separated dispatch names to time
+    compare_unfused: bool = field(default=True, metadata={
+        "flag": "unfused", "help": "on CPU, also time sorted without the fused expert kernel (sorted_unfused)"})
+    capacity_factor: float = 1.25  # capacity dispatch: slots per expert = capacity_factor x T x K / E
+    repeats: int = 30  # timed rounds
+    warmup: int = 3  # untimed rounds first
+    dtype: str = field(default="float32", metadata={"choices": DTYPES})  # parameter dtype
+    device: str = "cpu"  # auto, cpu, cuda[:N], npu[:N] or mps
+    seed: int = 0  # seeds the weights and the inputs
 
     def __post_init__(self) -> None:
         """Refuse bad values before anything is built, naming the field (as the configs do)."""
@@ -91,24 +97,23 @@ def run_layer_bench(cfg: LayerBenchConfig, progress: bool = False) -> LayerBench
         return MoELayer(D, moe_cfg).to(cfg.device, dtype)
 
     layers: dict[str, torch.nn.Module] = {"dense": SwiGLUMLP(D, K * H).to(cfg.device, dtype)}
-    layers.update({d: make_moe(d) for d in cfg.dispatches})
-    x_probe = torch.empty(0, D, device=cfg.device, dtype=dtype)
-    fused = cpu_kernels.fused_kernel_applies(x_probe, x_probe.new_empty(E, D, H))
+    readable = {d: make_moe(d) for d in cfg.dispatches}
+    layers.update({d: cpu_kernels.convert_if_enabled(copy.deepcopy(layer)) for d, layer in readable.items()})
+    fused = torch.device(cfg.device).type == "cpu" and cpu_kernels.enabled() and cpu_kernels.kernel_available()
     if fused and cfg.compare_unfused and "sorted" in cfg.dispatches:
-        layers["sorted" + UNFUSED_SUFFIX] = layers["sorted"]
+        layers["sorted" + UNFUSED_SUFFIX] = readable["sorted"]
     x = torch.randn(1, T, D, device=cfg.device, dtype=dtype, requires_grad=True)
     grad_y = torch.randn(1, T, D, device=cfg.device, dtype=dtype)
 
     def step(name: str) -> float:
         layer = layers[name]
         _sync(cfg.device)
-        with cpu_kernels.fused_cpu_kernel(not name.endswith(UNFUSED_SUFFIX)):
-            t0 = time.perf_counter()
-            out = layer(x)
-            y = out[0] if isinstance(out, tuple) else out
-            y.backward(grad_y)
-            _sync(cfg.device)
-            elapsed = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = layer(x)
+        y = out[0] if isinstance(out, tuple) else out
+        y.backward(grad_y)
+        _sync(cfg.device)
+        elapsed = time.perf_counter() - t0
         x.grad = None
         layer.zero_grad(set_to_none=True)
         return elapsed

@@ -4,20 +4,24 @@ The losses are raw and per layer (the model weights them and averages over layer
 layer's imbalance cannot cancel another's, as it can when routing is concatenated across
 layers). They are normalised so that perfectly uniform routing scores exactly 1.
 
+``LOSS_FUNCTIONS`` at the end is the one table of the losses a layer reports, by the name each
+has everywhere (``BALANCE_LOSSES``): ``RoutingInfo.losses`` keys, ``MoEConfig.<name>_weight``
+fields, the metrics log's ``raw/<name>`` columns and the MindSpore model's outputs.
+
 Shape legend: T tokens, B sequences, S positions, E experts, K experts per token.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from workbench.moe import cpu_kernels
+from workbench.moe.types import RouterOutput
 from workbench.validation import check_choice
 
-# The raw per-layer balancing losses, by the one name each has everywhere: ``RoutingInfo.losses``
-# keys, ``MoEConfig.<name>_weight`` fields, the metrics log's ``raw/<name>`` columns, MindSpore's model.
-BALANCE_LOSSES = ("aux_loss", "seq_aux_loss", "z_loss")
 # Over which tokens the Switch loss's expert frequencies f_i are counted (MoEConfig.aux_loss_scope).
 AUX_LOSS_SCOPES = ("micro_batch", "global_batch")
 # How the loss-free bias moves with the load violation (MoEConfig.bias_update_rule).
@@ -64,8 +68,6 @@ def switch_aux_loss(scores_TE: torch.Tensor, expert_ids_TK: torch.Tensor,
     T, E = scores_TE.shape
     K = expert_ids_TK.shape[1]
     if slot_mask_TK is None and mask_T is None:
-        if cpu_kernels.fused_aux_applies(scores_TE):
-            return cpu_kernels.fused_switch_aux_loss(scores_TE, expert_ids_TK)  # CPU: the lines below, one pass
         # the common case in one counting pass: f_i = (assignments to i) / (T K)
         f_E = torch.bincount(expert_ids_TK.flatten(), minlength=E).to(scores_TE.dtype) / max(1, T * K)
     elif slot_mask_TK is None:
@@ -184,3 +186,49 @@ def update_router_bias(bias_E: torch.Tensor, tokens_per_expert_E: torch.Tensor, 
     if recenter:
         bias_E.sub_(bias_E.mean())
     return bias_E
+
+
+# --- the losses of one layer, by name --------------------------------------------------------
+
+
+@dataclass
+class LossInputs:
+    """What one layer's balancing losses read for one micro-batch."""
+
+    routing: RouterOutput
+    batch_shape: tuple[int, int]  # (B, S): the sequence-wise loss views the T tokens per sequence
+    padding_mask_BS: torch.Tensor | None  # True for real tokens; padding is left out of every loss
+    # The global-batch aux loss (MoEConfig.aux_loss_scope="global_batch", in training): the real
+    # assignments of the optimizer step so far, over every rank. None: f counts this micro-batch.
+    step_counts_E: torch.Tensor | None = None
+
+    @property
+    def mask_T(self) -> torch.Tensor | None:
+        return None if self.padding_mask_BS is None else self.padding_mask_BS.reshape(-1)
+
+
+def layer_aux_loss(inputs: LossInputs) -> torch.Tensor:
+    """The Switch loss over this micro-batch, or over the step so far (``global_batch_aux_loss``)."""
+    routing = inputs.routing
+    if inputs.step_counts_E is not None:
+        return global_batch_aux_loss(routing.scores_TE, inputs.step_counts_E, inputs.mask_T)
+    return switch_aux_loss(routing.scores_TE, routing.expert_ids_TK, inputs.mask_T, routing.mask_TK)
+
+
+def layer_sequence_aux_loss(inputs: LossInputs) -> torch.Tensor:
+    routing, (B, S) = inputs.routing, inputs.batch_shape
+    slot_mask_BSK = None if routing.mask_TK is None else routing.mask_TK.view(B, S, -1)
+    return sequence_aux_loss(routing.scores_TE.view(B, S, -1), routing.expert_ids_TK.view(B, S, -1),
+                             inputs.padding_mask_BS, slot_mask_BSK)
+
+
+def layer_z_loss(inputs: LossInputs) -> torch.Tensor:
+    return router_z_loss(inputs.routing.logits_TE, inputs.mask_T)
+
+
+LOSS_FUNCTIONS: dict[str, Callable[[LossInputs], torch.Tensor]] = {
+    "aux_loss": layer_aux_loss,  # Switch / GShard (or global-batch) load balancing
+    "seq_aux_loss": layer_sequence_aux_loss,  # DeepSeek-V3 sequence-wise
+    "z_loss": layer_z_loss,  # ST-MoE router z-loss
+}
+BALANCE_LOSSES = tuple(LOSS_FUNCTIONS)

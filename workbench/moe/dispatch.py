@@ -16,12 +16,14 @@ Three implementations of that one function, selected by name from ``DISPATCHES``
 
 ``capacity`` and ``sorted`` are written as three separable steps (permute, expert compute,
 un-permute and combine; ``workbench.moe.permutation``) so that an all-to-all can go between
-them. On CPU, where nothing goes between them, one guard in ``sorted_dispatch`` hands the three
-to the fused kernel of ``workbench.moe.cpu_kernels`` as one op, and ``capacity`` runs its
-experts with the same kernel; both are tested against ``loop`` with the kernel on and off.
+them (``workbench.parallel`` does). On CPU, where nothing goes between them, the converter of
+``workbench.kernels.cpu`` gives a model's sorted layers a dispatch that runs the three as one
+fused op; it is tested against ``loop`` like every dispatch here.
 
-``build_dispatch`` binds a dispatch's options (capacity factor, drop policy, capacity scope) when
-the layer is built, so ``MoELayer.forward`` makes one call with no branches on the config.
+Every dispatch takes the same arguments, ``(x_TD, routing, experts, *, batch_shape, padding_mask_BS)``;
+those that treat each token on its own ignore the last two. ``build_dispatch`` binds a dispatch's
+options (capacity factor, drop policy, capacity scope) when the layer is built, so
+``MoELayer.forward`` makes one call with no branches on the config.
 
 Masked routing (expert choice): where ``routing.mask_TK`` is given, a False slot is padding: it
 is not computed, not counted and claims no capacity, and its weight gets no gradient. The
@@ -40,35 +42,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
 from einops import rearrange
 
-from workbench.moe import cpu_kernels
 from workbench.moe.experts import SwiGLUExperts
 from workbench.moe.permutation import combine, permute, sort_pairs_by_expert, unpermute_combine
-from workbench.moe.routers import RouterOutput, SoftRouterOutput
+from workbench.moe.types import DispatchStats, RouterOutput, SoftRouterOutput
 from workbench.validation import check, check_choice
 
 if TYPE_CHECKING:
     from workbench.moe.config import MoEConfig
-
-
-@dataclass
-class DispatchStats:
-    tokens_per_expert: torch.Tensor  # (E,) long: assignments routed to each expert, before drops
-    kept_per_expert: torch.Tensor  # (E,) long: assignments the experts actually processed
-    dropped_assignments: torch.Tensor  # () long: token-expert pairs that lost their slot
-    dropped_tokens: torch.Tensor  # () long: tokens that had assignments and lost all of them
-    capacity: int | None = None  # slots per expert (per sequence, capacity_scope="sequence"); None: dropless
-
-    @classmethod
-    def dropless(cls, tokens_per_expert: torch.Tensor) -> DispatchStats:
-        zero = tokens_per_expert.new_zeros(())
-        return cls(tokens_per_expert, tokens_per_expert, zero, zero.clone(), None)
 
 
 def assignments_per_expert(routing: RouterOutput, num_experts: int) -> torch.Tensor:
@@ -81,8 +67,10 @@ def assignments_per_expert(routing: RouterOutput, num_experts: int) -> torch.Ten
 # --- loop: the reference ------------------------------------------------------------------
 
 
-def loop_dispatch(x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLUExperts) -> tuple[
-        torch.Tensor, DispatchStats]:
+def loop_dispatch(x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLUExperts, *,
+                  batch_shape: tuple[int, int] | None = None,
+                  padding_mask_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, DispatchStats]:
+    """One expert at a time: gather its tokens, run it, add the weighted outputs back."""
     y_TD = torch.zeros_like(x_TD)
     for e in range(experts.num_experts):
         is_e_TK = routing.expert_ids_TK == e
@@ -100,15 +88,10 @@ def loop_dispatch(x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLUExpe
 # --- sorted: dropless, one grouped GEMM ----------------------------------------------------
 
 
-def sorted_dispatch(x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLUExperts) -> tuple[
-        torch.Tensor, DispatchStats]:
-    if cpu_kernels.fused_sorted_applies(x_TD, routing, experts):
-        # CPU: the sort as one counting sort, and the three steps below as one op, the
-        # permutation folded into the expert kernel
-        pairs = cpu_kernels.sort_pairs_by_expert(routing.expert_ids_TK, experts.num_experts)
-        y_TD = cpu_kernels.fused_sorted_experts(x_TD, routing.weights_TK, experts, pairs)
-        return y_TD, DispatchStats.dropless(pairs.tokens_per_expert)
-
+def sorted_dispatch(x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLUExperts, *,
+                    batch_shape: tuple[int, int] | None = None,
+                    padding_mask_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, DispatchStats]:
+    """Dropless: the pairs sorted by expert, every expert in one grouped GEMM, then back to tokens."""
     pairs = sort_pairs_by_expert(routing, experts.num_experts)
     stats = DispatchStats.dropless(pairs.tokens_per_expert)
     x_sorted_ND = permute(x_TD, pairs)  # permute: token rows grouped by expert
@@ -150,8 +133,8 @@ def _pair_priority(routing: RouterOutput, drop_policy: str) -> torch.Tensor:
 
 def capacity_dispatch(x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLUExperts, *,
                       capacity_factor: float | None = 1.25, drop_policy: str = "position",
-                      capacity_scope: str = "batch", batch_shape: tuple[int, int] | None = None) -> tuple[
-        torch.Tensor, DispatchStats]:
+                      capacity_scope: str = "batch", batch_shape: tuple[int, int] | None = None,
+                      padding_mask_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, DispatchStats]:
     """GShard-style slots: C per expert (``expert_capacity``; ``capacity_factor=None`` never drops).
 
     ``capacity_scope="batch"``: the T tokens of the batch share each expert's C slots.
@@ -339,35 +322,18 @@ DISPATCHES: dict[str, Dispatch] = {
 }
 
 
-def _route_each_token(dispatch: Dispatch, x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLUExperts,
-                      batch_shape: tuple[int, int], padding_mask_BS: torch.Tensor | None) -> tuple[
-        torch.Tensor, DispatchStats]:
-    # A token-choice dispatch treats every token on its own: the sequence layout does not enter.
-    return dispatch(x_TD, routing, experts)
-
-
-def _route_per_sequence(dispatch: Dispatch, x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLUExperts,
-                        batch_shape: tuple[int, int], padding_mask_BS: torch.Tensor | None) -> tuple[
-        torch.Tensor, DispatchStats]:
-    # Per-sequence capacity: the (B, S) layout decides which tokens share slots.
-    return dispatch(x_TD, routing, experts, batch_shape=batch_shape)
-
-
 def build_dispatch(cfg: MoEConfig, mixes_tokens: bool = False) -> Dispatch:
-    """The layer's dispatch with its options bound: ``fn(x_TD, routing, experts, batch_shape,
+    """The layer's dispatch with its options bound: ``fn(x_TD, routing, experts, *, batch_shape,
     padding_mask_BS) -> (y_TD, DispatchStats)``.
 
     A router that mixes tokens (soft MoE) takes ``soft_dispatch``, which needs the (B, S)
-    layout and the padding mask, whatever ``cfg.dispatch`` says; the token dispatches take
-    their options from the config (``capacity``: ``capacity_factor``, ``drop_policy`` and
-    ``capacity_scope``; per sequence, it also takes the (B, S) layout).
+    layout and the padding mask, whatever ``cfg.dispatch`` says; ``capacity`` takes its options
+    from the config (``capacity_factor``, ``drop_policy`` and ``capacity_scope``).
     """
     if mixes_tokens:
         return soft_dispatch
     dispatch = DISPATCHES[cfg.dispatch]  # a valid name: MoEConfig checked it
     if dispatch is capacity_dispatch:
-        dispatch = partial(capacity_dispatch, capacity_factor=cfg.capacity_factor, drop_policy=cfg.drop_policy,
-                           capacity_scope=cfg.capacity_scope)
-        if cfg.capacity_scope == "sequence":
-            return partial(_route_per_sequence, dispatch)
-    return partial(_route_each_token, dispatch)
+        return partial(capacity_dispatch, capacity_factor=cfg.capacity_factor, drop_policy=cfg.drop_policy,
+                       capacity_scope=cfg.capacity_scope)
+    return dispatch

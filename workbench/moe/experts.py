@@ -15,8 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workbench.moe import cpu_kernels
-
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
 
@@ -106,7 +104,13 @@ def grouped_matmul(x_NK: torch.Tensor, w_EKM: torch.Tensor, counts: list[int]) -
 
 
 class SwiGLUExperts(nn.Module):
-    """E SwiGLU experts with stacked weights; three ways to run them, one function."""
+    """E SwiGLU experts with stacked weights; three ways to run them, one function.
+
+    Under expert parallelism a layer holds a slice of them: experts ``first_expert ..
+    first_expert + num_experts - 1`` of the layer (``workbench.parallel.shard_experts``).
+    """
+
+    first_expert: int = 0  # the layer-wide index of this module's expert 0
 
     def __init__(self, num_experts: int, d_model: int, hidden: int):
         super().__init__()
@@ -126,23 +130,13 @@ class SwiGLUExperts(nn.Module):
         return (F.silu(x_ND @ self.w1[e]) * (x_ND @ self.w3[e])) @ self.w2[e]
 
     def forward_grouped(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Rows sorted by expert, ``counts[e]`` of them for expert e.
-
-        On CPU the fused kernel of ``cpu_kernels`` runs each expert's whole FFN on one thread;
-        elsewhere (or without a compiler) one grouped GEMM per weight matrix.
-        """
-        if cpu_kernels.fused_kernel_applies(x_ND, self.w1):
-            return cpu_kernels.fused_swiglu_experts(x_ND, self.w1, self.w3, self.w2, counts)
+        """Rows sorted by expert, ``counts[e]`` of them for expert e: one grouped GEMM per weight matrix."""
         gate_NH = grouped_matmul(x_ND, self.w1, counts)
         up_NH = grouped_matmul(x_ND, self.w3, counts)
         return grouped_matmul(F.silu(gate_NH) * up_NH, self.w2, counts)
 
     def forward_batched(self, x_ECD: torch.Tensor) -> torch.Tensor:
         """A fixed-capacity buffer, C rows per expert: batched matmuls (GShard's layout)."""
-        E, C, D = x_ECD.shape
-        if cpu_kernels.fused_kernel_applies(x_ECD, self.w1):
-            return cpu_kernels.fused_swiglu_experts(x_ECD.reshape(E * C, D), self.w1, self.w3, self.w2,
-                                                    [C] * E).view(E, C, D)
         return torch.bmm(F.silu(torch.bmm(x_ECD, self.w1)) * torch.bmm(x_ECD, self.w3), self.w2)
 
     def extra_repr(self) -> str:

@@ -1,5 +1,12 @@
 """The MoE feed-forward layer: router -> dispatch -> experts -> combine (+ shared experts).
 
+Read ``forward`` top to bottom:
+
+    routing = router(x)                                  which experts, with what weights
+    y       = dispatch(x, routing, experts)              permute -> experts -> un-permute and combine
+    y      += shared_experts(x)                          DeepSeekMoE / Qwen2-MoE, optionally gated
+    losses  = balance.LOSS_FUNCTIONS[name](...)          raw, per layer; the weighted sum trains
+
 Every router in ``ROUTERS`` plugs in unchanged. What the config decides is settled at
 construction, not in ``forward``: the dispatch comes with its options bound
 (``build_dispatch``; a router that mixes tokens, soft MoE, takes ``soft_dispatch``, which alone
@@ -11,40 +18,34 @@ every step boundary, where checkpoints are written): the loads for the loss-free
 and the assignment counts of the global-batch auxiliary loss. ``finish_step()``, called once
 after each optimizer step, consumes and resets both.
 
+The layer is pure PyTorch. Faster versions of the same function sit beside it and are applied
+from outside: ``workbench.kernels.cpu.convert`` swaps in fused CPU subclasses (which override
+``balance_loss`` and ``reported_losses`` below) and ``workbench.parallel`` gives a layer an
+expert-parallel dispatch, a slice of the experts and a ``sum_over_ranks`` that all-reduces.
+
 Shape legend: B batch, S sequence, T = B*S tokens, D model dim, E experts, K experts per token.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from workbench.moe import balance, cpu_kernels
-from workbench.moe.dispatch import DispatchStats, build_dispatch
+from workbench.moe import balance
+from workbench.moe.dispatch import build_dispatch
 from workbench.moe.experts import SwiGLUExperts, SwiGLUMLP
-from workbench.moe.routers import RouterOutput, build_router
+from workbench.moe.routers import build_router
+from workbench.moe.types import RouterOutput, RoutingInfo
 
 if TYPE_CHECKING:
     from workbench.moe.config import MoEConfig
 
 
-@dataclass
-class RoutingInfo:
-    """What one MoE layer did with one batch; ``workbench.moe.metrics`` turns it into numbers."""
-
-    router_output: RouterOutput  # what the router decided for this batch
-    stats: DispatchStats
-    losses: dict[str, torch.Tensor]  # raw, unweighted: aux_loss, seq_aux_loss, z_loss
-    weighted_loss: torch.Tensor  # sum of the losses times their configured weights
-    batch_shape: tuple[int, int]  # (B, S), to view the (T, ...) tensors per sequence
-
-    @property
-    def tokens_per_expert(self) -> torch.Tensor:
-        return self.stats.tokens_per_expert
+def this_process_only(counts_E: torch.Tensor) -> torch.Tensor:
+    """``MoELayer.sum_over_ranks`` of a single process: it holds the whole global batch."""
+    return counts_E
 
 
 class MoELayer(nn.Module):
@@ -57,6 +58,9 @@ class MoELayer(nn.Module):
         self.shared_experts = SwiGLUMLP(d_model, cfg.shared_hidden) if cfg.shared_hidden else None
         # Qwen2-MoE gates the shared expert per token with sigmoid(x . w_g).
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if cfg.shared_expert_gate else None
+        # Sums a per-expert count over every process that holds part of the global batch, for the
+        # statistics meant to span an optimizer step (expert parallelism sets an all-reduce).
+        self.sum_over_ranks = this_process_only
         # Assignments counted since the last bias update (loss-free balancing). Training-only state
         # that is zero at every optimizer step boundary (where checkpoints are written), so it is
         # not part of the state dict: a plain state dict loads with strict=True.
@@ -84,62 +88,51 @@ class MoELayer(nn.Module):
         if self.training and self.cfg.bias_update_rate > 0:
             self.load_since_update += stats.tokens_per_expert.to(self.load_since_update.dtype)
 
-        losses, weighted = self._balance_losses(routing, (B, S), padding_mask_BS)
-        info = RoutingInfo(routing, stats, losses, weighted, (B, S))
-        return y_TD.view(B, S, D), info
+        step_counts_E = self._count_step_assignments(routing, padding_mask_BS)
+        losses, weighted = self.balance_losses(balance.LossInputs(routing, (B, S), padding_mask_BS, step_counts_E))
+        return y_TD.view(B, S, D), RoutingInfo(routing, stats, losses, weighted, (B, S))
 
-    def global_counts(self, counts_E: torch.Tensor) -> torch.Tensor:
-        """This micro-batch's assignment counts over every process that holds part of the global batch.
-
-        One process holds all of it, so they are returned as they are; the expert-parallel layer
-        (``workbench.parallel.ExpertParallelMoELayer``) sums them over its ranks here.
-        """
-        return counts_E
-
-    def _balance_losses(self, routing: RouterOutput, batch_shape: tuple[int, int],
-                        padding_mask_BS: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        B, S = batch_shape
+    def _count_step_assignments(self, routing: RouterOutput,
+                                padding_mask_BS: torch.Tensor | None) -> torch.Tensor | None:
+        """The global-batch aux loss's f in training: this micro-batch's real assignments (on every
+        rank) added to the step's count so far, which is returned. None in micro-batch scope and in
+        evaluation, where there is no optimizer step to count over."""
+        if self.cfg.aux_loss_scope != "global_batch" or not self.training:
+            return None
         mask_T = None if padding_mask_BS is None else padding_mask_BS.reshape(-1)
-        slot_mask_TK = routing.mask_TK
-        cfg = self.cfg
-        if cfg.aux_loss_scope == "global_batch" and self.training:
-            counts_E = balance.assignment_counts(routing.expert_ids_TK, cfg.num_experts, mask_T, slot_mask_TK)
-            self.aux_counts_since_step += self.global_counts(counts_E)
-            aux_loss = partial(balance.global_batch_aux_loss, routing.scores_TE, self.aux_counts_since_step, mask_T)
-        else:  # micro-batch scope, and evaluation, where there is no optimizer step to count over
-            aux_loss = partial(balance.switch_aux_loss, routing.scores_TE, routing.expert_ids_TK, mask_T, slot_mask_TK)
-        compute = {
-            "aux_loss": aux_loss,
-            "seq_aux_loss": lambda: balance.sequence_aux_loss(
-                routing.scores_TE.view(B, S, -1), routing.expert_ids_TK.view(B, S, -1), padding_mask_BS,
-                None if slot_mask_TK is None else slot_mask_TK.view(B, S, -1)),
-            "z_loss": lambda: balance.router_z_loss(routing.logits_TE, mask_T),
-        }
-        losses, weighted = {}, routing.logits_TE.new_zeros(())
-        for name, weight in cfg.loss_weights.items():
-            if weight > 0:
-                losses[name] = compute[name]()
-                weighted = weighted + weight * losses[name]
-        # Every raw loss is reported; the unweighted ones need no graph. On CPU one kernel pass
-        # gives their values (not the global-batch aux, which counts over the whole step).
-        unweighted = [name for name, weight in cfg.loss_weights.items() if weight == 0]
-        fused = {}
-        if unweighted and cpu_kernels.balance_loss_values_apply(routing, padding_mask_BS):
-            fused = cpu_kernels.balance_loss_values(routing, B)
-            if cfg.aux_loss_scope == "global_batch" and self.training:
-                del fused["aux_loss"]
+        counts_E = balance.assignment_counts(routing.expert_ids_TK, self.cfg.num_experts, mask_T, routing.mask_TK)
+        self.aux_counts_since_step += self.sum_over_ranks(counts_E)
+        return self.aux_counts_since_step
+
+    def balance_losses(self, inputs: balance.LossInputs) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(every raw loss of ``balance.BALANCE_LOSSES``, their weighted sum). A loss with a weight
+        keeps its graph, since the weighted sum trains the router; one without is only reported,
+        so it is computed as a value."""
+        weights = self.cfg.loss_weights
+        losses = {name: self.balance_loss(name, inputs) for name, weight in weights.items() if weight > 0}
+        weighted = sum((weights[name] * loss for name, loss in losses.items()),
+                       start=inputs.routing.logits_TE.new_zeros(()))
         with torch.no_grad():
-            for name in unweighted:
-                losses[name] = fused[name] if name in fused else compute[name]()
-        return {name: losses[name] for name in cfg.loss_weights}, weighted
+            losses.update(self.reported_losses([name for name, weight in weights.items() if weight == 0], inputs))
+        return {name: losses[name] for name in weights}, weighted
+
+    def balance_loss(self, name: str, inputs: balance.LossInputs) -> torch.Tensor:
+        """One raw balancing loss, with its graph."""
+        return balance.LOSS_FUNCTIONS[name](inputs)
+
+    def reported_losses(self, names: list[str], inputs: balance.LossInputs) -> dict[str, torch.Tensor]:
+        """The values of the losses that carry no weight (called without a graph)."""
+        return {name: self.balance_loss(name, inputs) for name in names}
 
     @torch.no_grad()
     def finish_step(self) -> None:
         """End of an optimizer step: the loss-free bias update from the loads counted since the last
         call, then both step counters reset. Call it once after every ``optimizer.step()``."""
         cfg = self.cfg
-        if cfg.bias_update_rate > 0 and self.load_since_update.sum() > 0:
-            balance.update_router_bias(self.router.bias, self.load_since_update, cfg.bias_update_rate,
-                                       cfg.bias_recenter, cfg.bias_update_rule)
+        if cfg.bias_update_rate > 0:
+            load_E = self.sum_over_ranks(self.load_since_update)  # every rank makes the same update
+            if load_E.sum() > 0:
+                balance.update_router_bias(self.router.bias, load_E, cfg.bias_update_rate, cfg.bias_recenter,
+                                           cfg.bias_update_rule)
         self.load_since_update.zero_()
         self.aux_counts_since_step.zero_()

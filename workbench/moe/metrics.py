@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
-from workbench.moe import cpu_kernels
-
-if TYPE_CHECKING:
-    from workbench.moe.layer import RoutingInfo
+from workbench.moe.types import RoutingInfo
 
 
 @torch.no_grad()
@@ -81,16 +77,11 @@ def routing_metrics(info: RoutingInfo) -> dict[str, float | list[float]]:
     out = load_metrics(stats.tokens_per_expert)
     out["dropped_fraction"] = stats.dropped_assignments.item() / max(1, num_assignments)
     out["dropped_token_fraction"] = stats.dropped_tokens.item() / T
-    if cpu_kernels.routing_summary_applies(routing):  # CPU: the lines below in one pass
-        out["router_confidence"], mass = cpu_kernels.confidence_and_gate_mass(routing)
-        total_mass = max(sum(mass), 1e-12)
-        out["gate_mass"] = [m / total_mass for m in mass]
-    else:
-        # max_e (s_te / sum_e s_te) = (max_e s_te) / sum_e s_te: a row's division cannot change its maximum
-        scores_TE = routing.scores_TE
-        out["router_confidence"] = (scores_TE.max(dim=-1).values / scores_TE.sum(dim=-1)).mean().item()
-        mass_E = torch.bincount(routing.expert_ids_TK.flatten(), weights=weights_TK.flatten().double(), minlength=E)
-        out["gate_mass"] = (mass_E / mass_E.sum().clamp(min=1e-12)).tolist()
+    # max_e (s_te / sum_e s_te) = (max_e s_te) / sum_e s_te: a row's division cannot change its maximum
+    scores_TE = routing.scores_TE
+    out["router_confidence"] = (scores_TE.max(dim=-1).values / scores_TE.sum(dim=-1)).mean().item()
+    mass_E = torch.bincount(routing.expert_ids_TK.flatten(), weights=weights_TK.flatten().double(), minlength=E)
+    out["gate_mass"] = (mass_E / mass_E.sum().clamp(min=1e-12)).tolist()
     out["experts_per_token"] = experts_per_token
     out["unrouted_token_fraction"] = unrouted
     return out

@@ -4,7 +4,7 @@
 pair's token row in sorted order and ``unpermute_combine`` takes the experts' sorted outputs back
 to tokens, weighted and summed. Both have backward passes that gather instead of scattering into
 zeros (a permutation has an inverse). The sorted dispatch runs them around the experts; the fused
-CPU kernel (``workbench.moe.cpu_kernels``) folds the same steps into its own op and shares the
+CPU kernel (``workbench.kernels.cpu``) folds the same steps into its own op and shares the
 helpers below. Expert parallelism puts its all-to-all between ``permute`` and the experts.
 
 Shape legend: T tokens, D model dim, E experts, K experts per token, N = T*K token-expert pairs
@@ -13,26 +13,10 @@ Shape legend: T tokens, D model dim, E experts, K experts per token, N = T*K tok
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from workbench.moe.routers import RouterOutput
-
-
-@dataclass
-class SortedPairs:
-    """The token-expert pairs sorted by expert (stable: tokens in order within an expert)."""
-
-    sorted_to_pair_N: torch.Tensor  # long: sorted row n holds pair sorted_to_pair[n]
-    pair_to_sorted_N: torch.Tensor  # long: the inverse permutation
-    tokens_per_expert: torch.Tensor  # (E,) long: real pairs of each expert
-    counts: list[int]  # the same, on the host: the grouped GEMM's group sizes
-    num_valid: int  # real pairs; padding pairs (expert choice) are sorted after them
-    top_k: int  # K, so that pair n is token n // K
+from workbench.moe.types import RouterOutput, SortedPairs
 
 
 def sort_pairs_by_expert(routing: RouterOutput, num_experts: int) -> SortedPairs:

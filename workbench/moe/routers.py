@@ -65,37 +65,17 @@ from __future__ import annotations
 import math
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workbench.moe import cpu_kernels
+from workbench.moe.types import RouterOutput, SoftRouterOutput
 from workbench.validation import check, check_choice
 
 if TYPE_CHECKING:
     from workbench.moe.config import MoEConfig
-
-
-@dataclass
-class RouterOutput:
-    expert_ids_TK: torch.Tensor  # long: the K experts chosen for each token
-    weights_TK: torch.Tensor  # fp32: combine weights of those experts
-    scores_TE: torch.Tensor  # fp32: probabilities (softmax) or affinities (sigmoid) of every expert
-    logits_TE: torch.Tensor  # fp32: raw router logits (the z-loss reads these)
-    # bool: True where slot (t, k) is a real assignment. None (every router but expert choice):
-    # all are. Padding slots carry weight 0 and an in-range expert id, and every consumer skips them.
-    mask_TK: torch.Tensor | None = None
-
-
-@dataclass
-class SoftRouterOutput(RouterOutput):
-    """Soft MoE's routing: the slot logits that ``soft_dispatch`` mixes with, plus per-expert
-    summaries in the common fields (see ``SoftMoERouter``)."""
-
-    slot_logits_TL: torch.Tensor | None = None  # fp32: x . phi_l for every slot l = e * slots + j
 
 
 class CausalLeakWarning(UserWarning):
@@ -229,7 +209,8 @@ class Router(nn.Module):
         return x_TD
 
     def gate_and_route(self, x32_TD: torch.Tensor, token_ids_T: torch.Tensor | None) -> RouterOutput:
-        """The linear gate, then ``route``: what a router may replace with a fused kernel."""
+        """The linear gate, then ``route``. (``workbench.kernels.cpu`` replaces this method, for the
+        exact classes it knows, with one op that does both.)"""
         return self.route(x32_TD, self.gate_logits(x32_TD), token_ids_T)
 
     def gate_logits(self, x32_TD: torch.Tensor) -> torch.Tensor:
@@ -285,14 +266,6 @@ class SoftmaxTopKRouter(SoftmaxGatedRouter):
     """
 
     has_selection_bias = True
-
-    def gate_and_route(self, x32_TD, token_ids_T):
-        if cpu_kernels.fused_router_applies(x32_TD, self.weight):
-            # CPU: the gate, softmax, top-k and gates below as one op (one pass per token)
-            logits_TE, probs_TE, expert_ids_TK, weights_TK = cpu_kernels.fused_softmax_topk(
-                x32_TD, self.weight, self.bias, self.top_k, self.normalize_topk)
-            return RouterOutput(expert_ids_TK, weights_TK, probs_TE, logits_TE)
-        return super().gate_and_route(x32_TD, token_ids_T)
 
     def select(self, logits_TE, probs_TE, token_ids_T):
         return torch.topk(self.biased(probs_TE), self.top_k, dim=-1, sorted=False).indices
@@ -617,9 +590,6 @@ class CosineRouter(SoftmaxTopKRouter):
         # unit-norm rows on average; only their direction matters
         self.expert_embed = nn.Parameter(torch.randn(cfg.num_experts, cfg.cosine_dim) * cfg.cosine_dim**-0.5)
         self.log_inv_temperature = nn.Parameter(torch.tensor(math.log(1 / self.init_temperature)))
-
-    # its own gate (below), so not the fused softmax top-k of its parent
-    gate_and_route = Router.gate_and_route
 
     def gate_logits(self, x32_TD: torch.Tensor) -> torch.Tensor:
         tokens_TP = F.normalize(F.linear(x32_TD, self.weight.float()), dim=-1)

@@ -6,7 +6,8 @@
 
 - ``context``: the launch (ranks, expert-parallel and data-parallel groups, backend per device)
 - ``comm``: the all-to-all with autograd, and what it moved (``CommStats``)
-- ``layer``: ``ExpertParallelMoELayer`` and ``parallelize_model``
+- ``layer``: ``parallelize_layer`` / ``parallelize_model``: an ``MoELayer`` given sharded experts, an
+  all-to-all dispatch and an all-reduce for its statistics
 - ``grads``: gradient all-reduce per parameter kind, clipping over the whole model
 - ``state``: checkpoints in the single-process layout, whatever the number of ranks
 - ``trainer``: ``ExpertParallelTrainer``
@@ -24,12 +25,12 @@ from workbench.parallel.context import (
     shutdown,
 )
 from workbench.parallel.launch import run_local
-from workbench.parallel.layer import ExpertParallelMoELayer, parallelize_model, sharded_parameters
+from workbench.parallel.layer import ExpertParallelDispatch, parallelize_layer, parallelize_model, sharded_parameters
 
 __all__ = [
-    "BACKENDS", "CommStats", "ExpertParallelMoELayer", "ExpertParallelTrainer", "ParallelConfig", "ParallelContext",
+    "BACKENDS", "CommStats", "ExpertParallelDispatch", "ExpertParallelTrainer", "ParallelConfig", "ParallelContext",
     "all_to_all", "backend_for", "current_context", "exchange", "exchange_counts", "init_parallel",
-    "parallelize_model", "run_local", "sharded_parameters", "shutdown",
+    "parallelize_layer", "parallelize_model", "run_local", "sharded_parameters", "shutdown",
 ]
 
 

@@ -1,4 +1,11 @@
-"""The expert-parallel MoE layer: E experts split over P ranks, tokens exchanged by all-to-all.
+"""Expert parallelism for the MoE layer: E experts split over P ranks, tokens exchanged by all-to-all.
+
+``parallelize_layer`` turns a built ``MoELayer`` into its expert-parallel form in place, through
+the three parts the layer exposes for it, so the layer keeps everything its constructor made:
+
+    layer.experts         this rank's E / P experts (``shard_experts``)
+    layer.dispatch        ``ExpertParallelDispatch``: the sorted dispatch with an all-to-all on each side
+    layer.sum_over_ranks  an all-reduce, for the statistics meant to span the whole global batch
 
 Each rank routes its own tokens, then runs the sorted dispatch with an all-to-all on either side
 of the expert compute (MegaBlocks / torchtitan style; Lepikhin et al. 2020 for the idea)::
@@ -24,14 +31,15 @@ of this rank, P expert-parallel ranks, L = E / P experts per rank, R rows receiv
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
-from workbench.moe.dispatch import DispatchStats
 from workbench.moe.experts import SwiGLUExperts
-from workbench.moe.layer import MoELayer
+from workbench.moe.layer import MoELayer, this_process_only
 from workbench.moe.permutation import permute, sort_pairs_by_expert, unpermute_combine
-from workbench.moe.routers import RouterOutput
+from workbench.moe.types import DispatchStats, RouterOutput
 from workbench.parallel.comm import CommStats, all_to_all, exchange_counts
 from workbench.parallel.context import ParallelContext
 
@@ -122,72 +130,46 @@ class ExpertParallelDispatch:
 
 
 def shard_experts(experts: SwiGLUExperts, lo: int, hi: int) -> SwiGLUExperts:
-    """A ``SwiGLUExperts`` holding copies of experts ``lo .. hi - 1`` of ``experts`` (same device, dtype)."""
+    """Copies of experts ``lo .. hi - 1`` of ``experts``, as a module of the same class (a fused one
+    stays fused), on the same device and dtype, that knows where its slice starts."""
     D, H = experts.d_model, experts.hidden
     # Built on the meta device: no memory and no draw from the random generator for an init that
     # the copies below replace (a single process's generator state must stay where it was).
     with torch.device("meta"):
-        local = SwiGLUExperts(hi - lo, D, H)
+        local = type(experts)(hi - lo, D, H)
     for name in ("w1", "w3", "w2"):
         setattr(local, name, nn.Parameter(getattr(experts, name).detach()[lo:hi].clone(),
                                           requires_grad=getattr(experts, name).requires_grad))
+    local.first_expert = experts.first_expert + lo
     return local
 
 
-class ExpertParallelMoELayer(MoELayer):
-    """``MoELayer`` with its experts split over the expert-parallel group of ``ctx``.
+def parallelize_layer(layer: MoELayer, ctx: ParallelContext) -> MoELayer:
+    """Make ``layer`` expert parallel over the expert-parallel group of ``ctx``, in place; returns it.
 
-    Built from a single-process layer, whose router, shared experts and buffers it takes over and
-    of whose experts it keeps its own ``E / P`` (``ctx.expert_range``). The state dict has the
+    It keeps its router, shared experts, buffers and everything else its constructor built, and
+    of its experts it keeps this rank's ``E / P`` (``ctx.expert_range``). The state dict has the
     same keys as the single-process layer's; the expert tensors hold this rank's slice, and a
     full-size (single-process) expert tensor given to ``load_state_dict`` is sliced on the way in,
     so a checkpoint written by one process loads on any number of ranks.
 
-    With ``expert_parallel == 1`` (data parallelism alone) it keeps every expert and the layer's
-    own dispatch, and only sums the balancing statistics over the ranks.
+    With ``expert_parallel == 1`` (data parallelism alone) it keeps every expert and its own
+    dispatch, and only sums the balancing statistics over the ranks: each rank holds a different
+    part of the global batch, so the global-batch aux loss's f and the loss-free bias's loads
+    count the tokens of all of them, and every rank makes the same bias update.
 
     Every rank must call ``forward`` (and ``backward``) together: the all-to-alls and the
     all-reduces of the statistics are collective.
     """
-
-    def __init__(self, layer: MoELayer, ctx: ParallelContext):
-        nn.Module.__init__(self)
-        cfg = layer.cfg
-        ctx.config.check_model(cfg)
-        self.cfg = cfg
-        self.ep_size = ctx.ep_size
-        self.expert_lo, self.expert_hi = ctx.expert_range(cfg.num_experts)
-        # the same attributes, registered in the same order as MoELayer's: same state-dict keys
-        self.router = layer.router
-        if self.ep_size > 1:
-            self.experts = shard_experts(layer.experts, self.expert_lo, self.expert_hi)
-            self.dispatch = ExpertParallelDispatch(cfg.num_experts, ctx.ep_size, ctx.ep_group, ctx.stats)
-        else:
-            self.experts, self.dispatch = layer.experts, layer.dispatch
-        self.shared_experts = layer.shared_experts
-        self.shared_gate = layer.shared_gate
-        self.register_buffer("load_since_update", layer.load_since_update.clone(), persistent=False)
-        self.register_buffer("aux_counts_since_step", layer.aux_counts_since_step.clone(), persistent=False)
-        self.train(layer.training)
-        self._ctx = ctx
-        self.register_load_state_dict_pre_hook(_slice_full_experts)
-
-    def global_counts(self, counts_E: torch.Tensor) -> torch.Tensor:
-        """The global-batch aux loss's assignment counts summed over every rank: each rank holds a
-        different part of the global batch, so f_i counts the tokens of all of them."""
-        return _all_reduce_sum(counts_E, self._ctx)
-
-    @torch.no_grad()
-    def finish_step(self) -> None:
-        """``MoELayer.finish_step`` on the loads of every rank: the same bias update everywhere."""
-        if self.cfg.bias_update_rate > 0:
-            self.load_since_update.copy_(_all_reduce_sum(self.load_since_update, self._ctx))
-        super().finish_step()
-
-    def extra_repr(self) -> str:
-        if self.ep_size == 1:
-            return f"all {self.cfg.num_experts} experts on every rank (data parallel)"
-        return f"experts {self.expert_lo}..{self.expert_hi - 1} of {self.cfg.num_experts} on this rank"
+    cfg = layer.cfg
+    ctx.config.check_model(cfg)
+    if ctx.ep_size > 1:
+        lo, hi = ctx.expert_range(cfg.num_experts)
+        layer.experts = shard_experts(layer.experts, lo, hi)
+        layer.dispatch = ExpertParallelDispatch(cfg.num_experts, ctx.ep_size, ctx.ep_group, ctx.stats)
+        layer.register_load_state_dict_pre_hook(_slice_full_experts)
+    layer.sum_over_ranks = partial(_all_reduce_sum, ctx=ctx)
+    return layer
 
 
 def _all_reduce_sum(t: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
@@ -201,35 +183,35 @@ def _all_reduce_sum(t: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     return out
 
 
-def _slice_full_experts(module: ExpertParallelMoELayer, state_dict: dict, prefix: str, *args) -> None:
+def _slice_full_experts(module: MoELayer, state_dict: dict, prefix: str, *args) -> None:
     # load_state_dict pre-hook: a full-size expert tensor (the single-process layout of every
     # checkpoint) becomes this rank's slice; a tensor that is already a slice passes unchanged.
-    E = module.cfg.num_experts
+    E, experts = module.cfg.num_experts, module.experts
+    lo, hi = experts.first_expert, experts.first_expert + experts.num_experts
     for name in ("w1", "w3", "w2"):
         key = f"{prefix}experts.{name}"
         value = state_dict.get(key)
-        local = getattr(module.experts, name)
-        if value is not None and value.shape[0] == E and value.shape[0] != local.shape[0]:
-            state_dict[key] = value[module.expert_lo:module.expert_hi]
+        if value is not None and value.shape[0] == E and value.shape[0] != hi - lo:
+            state_dict[key] = value[lo:hi]
 
 
 def parallelize_model(model: nn.Module, ctx: ParallelContext) -> nn.Module:
-    """Make every ``MoELayer`` of ``model`` (an ``MoELM``) an ``ExpertParallelMoELayer``, in place;
-    returns ``model``. With ``expert_parallel == 1`` the experts stay whole, replicated like every
-    other parameter, and only the balancing statistics are summed over the ranks.
+    """``parallelize_layer`` on every ``MoELayer`` of ``model`` (an ``MoELM``), in place; returns
+    ``model``. With ``expert_parallel == 1`` the experts stay whole, replicated like every other
+    parameter, and only the balancing statistics are summed over the ranks.
 
     Build the model with the same seed on every rank first: the experts each rank keeps are
     slices of that one initialisation, so the parallel model starts where a single process would.
     """
-    for block in model.blocks:
-        if isinstance(block.ffn, MoELayer) and not isinstance(block.ffn, ExpertParallelMoELayer):
-            block.ffn = ExpertParallelMoELayer(block.ffn, ctx)
+    for layer in model.modules():
+        if isinstance(layer, MoELayer) and layer.sum_over_ranks is this_process_only:  # not parallel yet
+            parallelize_layer(layer, ctx)
     return model
 
 
-def expert_parallel_layers(model: nn.Module) -> list[ExpertParallelMoELayer]:
-    """The layers of ``model`` whose experts are split over ranks (expert_parallel > 1)."""
-    return [m for m in model.modules() if isinstance(m, ExpertParallelMoELayer) and m.ep_size > 1]
+def expert_parallel_layers(model: nn.Module) -> list[MoELayer]:
+    """The MoE layers of ``model`` whose experts are split over ranks (expert_parallel > 1)."""
+    return [m for m in model.modules() if isinstance(m, MoELayer) and isinstance(m.dispatch, ExpertParallelDispatch)]
 
 
 def sharded_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -7,7 +7,7 @@ one process would hold, on rank 0, which writes the ordinary checkpoint file
 
 Loading: a full-size expert tensor meets a rank that holds experts ``lo .. hi - 1`` and is sliced
 to them: the layer's ``load_state_dict`` pre-hook does it for the weights
-(``ExpertParallelMoELayer``), ``slice_optimizer_state`` for the moments. A checkpoint written by
+(``parallelize_layer``), ``slice_optimizer_state`` for the moments. A checkpoint written by
 one process thus resumes on P ranks, and one written by P ranks resumes in one process.
 """
 
@@ -27,7 +27,8 @@ def _expert_slices(model: nn.Module) -> dict[int, tuple[int, int, int]]:
     out = {}
     for layer in expert_parallel_layers(model):
         for p in layer.experts.parameters():
-            out[id(p)] = (layer.expert_lo, layer.expert_hi, layer.cfg.num_experts)
+            lo = layer.experts.first_expert
+            out[id(p)] = (lo, lo + layer.experts.num_experts, layer.cfg.num_experts)
     return out
 
 

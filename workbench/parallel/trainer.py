@@ -14,7 +14,7 @@ What one rank does in a step, against the single-process ``Trainer``:
   clipped by the norm of the whole model (``grads.clip_grad_norm``). Every rank then takes the
   same AdamW step on what it holds.
 - **Balancing**: the global-batch aux loss's counts and the loss-free bias loads are all-reduced
-  over every rank (``ExpertParallelMoELayer``), so every rank makes the same bias update.
+  over every rank (``parallelize_layer``), so every rank makes the same bias update.
 - **Metrics**: the row logged for a step is the mean over all the step's micro-batches, as one
   process logs it, plus per-rank lists: ``ep/expert_rows`` (each rank's expert load), the rows
   and bytes each rank's all-to-alls sent and received, the seconds they took, and the gradient

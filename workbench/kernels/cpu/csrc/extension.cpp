@@ -1,4 +1,4 @@
-// The Python bindings of the fused CPU kernels (workbench/moe/cpu_kernels.py builds the three
+// The Python bindings of the fused CPU kernels (workbench/kernels/cpu/build.py builds the three
 // files of this folder as one extension; the kernels themselves are in the other two).
 
 #include <torch/extension.h>
@@ -27,7 +27,6 @@ std::vector<Tensor> sort_pairs_by_expert(const Tensor& ids, int64_t num_experts)
 std::vector<Tensor> switch_aux_forward(const Tensor& scores, const Tensor& ids);
 Tensor switch_aux_backward(const Tensor& grad, const Tensor& scores, const Tensor& f);
 Tensor balance_loss_values(const Tensor& scores, const Tensor& ids, const Tensor& logits, int64_t num_sequences);
-Tensor confidence_and_gate_mass(const Tensor& scores, const Tensor& ids, const Tensor& weights);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("swiglu_experts_forward", &swiglu_experts_forward, "fused SwiGLU experts, forward (CPU)");
@@ -38,7 +37,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("switch_aux_forward", &switch_aux_forward, "Switch load-balancing loss, forward (CPU)");
   m.def("switch_aux_backward", &switch_aux_backward, "Switch load-balancing loss, backward (CPU)");
   m.def("balance_loss_values", &balance_loss_values, "the three balancing losses' values, no gradient (CPU)");
-  m.def("confidence_and_gate_mass", &confidence_and_gate_mass, "router confidence and gate mass per expert (CPU)");
   m.def("set_simd", [](bool allowed) { workbench_simd::simd_allowed() = allowed; },
         "let the kernels' AVX2 loops run (where the CPU has AVX2 + FMA) or not");
   m.def("simd_allowed", [] { return workbench_simd::simd_allowed().load(); }, "see set_simd");

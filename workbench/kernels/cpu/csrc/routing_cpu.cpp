@@ -7,7 +7,7 @@
 // the readable router (workbench/moe/routers.py) and of their backward costs more in dispatch
 // and thread start-up than in arithmetic, and BLAS is slow on the gate's (T, D) x (D, 8) shape.
 // Here all of it is one pass over the tokens each way, the tokens cut into one equal range per
-// intra-op thread. workbench/moe/cpu_kernels.py builds this file with swiglu_experts_cpu.cpp;
+// intra-op thread. workbench/kernels/cpu/build.py builds this file with swiglu_experts_cpu.cpp;
 // the tests check both against the readable reference.
 
 #include <ATen/ATen.h>
@@ -32,7 +32,7 @@ using workbench_simd::has_avx2;
 using workbench_simd::exp8;
 #endif
 
-// Added to the sum of the selected probabilities before renormalising (routers.py: _GATE_SUM_FLOOR).
+// Added to the sum of the selected probabilities before renormalising (workbench/moe/routers.py: GATE_SUM_FLOOR).
 constexpr float kGateSumFloor = 1e-20f;
 
 // Runs fn(begin, end, part) on `parts` equal token ranges, one per intra-op thread.
@@ -506,34 +506,4 @@ Tensor switch_aux_backward(const Tensor& grad, const Tensor& scores, const Tenso
     for (int64_t e = 0; e < E; ++e) gp[t * E + e] = scale * (fp[e] - mean_f) * inv;
   }
   return grad_scores;
-}
-
-// Two of the routing metrics of workbench/moe/metrics.py in one pass, for routing without padding
-// slots: the router confidence, mean_t max_e s_te / sum_e s_te, and each expert's gate mass, the
-// sum of the combine weights it receives (not yet normalised). Returns (1 + E,) float64:
-// [confidence, mass_0, ..., mass_{E-1}].
-Tensor confidence_and_gate_mass(const Tensor& scores, const Tensor& ids, const Tensor& weights) {
-  check_float_matrix(scores, "scores");
-  check_float_matrix(weights, "weights");
-  check_ids(ids, scores);
-  TORCH_CHECK(weights.sizes() == ids.sizes(), "fused routing: weights must be shaped like ids (T, K)");
-  const int64_t T = scores.size(0), E = scores.size(1), K = ids.size(1);
-  const float *sp = scores.data_ptr<float>(), *wp = weights.data_ptr<float>();
-  const int64_t* ip = ids.data_ptr<int64_t>();
-  Tensor out = at::zeros({1 + E}, scores.options().dtype(at::kDouble));
-  double* op = out.data_ptr<double>();
-  double confidence = 0.0;
-  for (int64_t t = 0; t < T; ++t) {
-    const float* s = sp + t * E;
-    float max = s[0], sum = 0.0f;
-    for (int64_t e = 0; e < E; ++e) max = std::max(max, s[e]), sum += s[e];
-    confidence += static_cast<double>(max) / sum;
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t e = ip[t * K + k];
-      TORCH_CHECK(e >= 0 && e < E, "fused routing: expert id ", e, " out of range [0, ", E, ")");
-      op[1 + e] += wp[t * K + k];
-    }
-  }
-  op[0] = confidence / std::max<int64_t>(1, T);
-  return out;
 }

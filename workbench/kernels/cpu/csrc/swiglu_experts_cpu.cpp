@@ -9,7 +9,7 @@
 // range with single-threaded GEMMs, so the threads finish together and a segment's
 // (rows x hidden) activations stay in cache between its GEMMs. An expert cut by a range
 // boundary gets its weight gradient as the sum of the threads' partial sums. Results do not
-// depend on timing: the partition is fixed by the counts. workbench/moe/cpu_kernels.py builds
+// depend on timing: the partition is fixed by the counts. workbench/kernels/cpu/build.py builds
 // this file; the tests check it against the readable reference.
 
 #include <ATen/ATen.h>
@@ -64,7 +64,7 @@ template <class Fn>
 void for_each_segment(const std::vector<std::vector<Segment>>& segments, const Fn& fn) {
   at::parallel_for(0, static_cast<int64_t>(segments.size()), 1, [&](int64_t begin, int64_t end) {
     // a worker thread starts with autograd on, and the inputs may require grad: these are
-    // plain kernels (the autograd Function around them is in cpu_kernels.py)
+    // plain kernels (the autograd Function around them is in ops.py)
     c10::impl::ExcludeDispatchKeyGuard no_autograd(c10::autograd_dispatch_keyset_with_ADInplaceOrView);
     for (int64_t p = begin; p < end; ++p) {
       for (const Segment& s : segments[p]) fn(s, p);
