@@ -84,8 +84,9 @@ def fused_sorted_dispatch(x_TD: torch.Tensor, routing: RouterOutput, experts: Sw
                           padding_mask_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, DispatchStats]:
     """``dispatch.sorted_dispatch`` with the sort as one counting sort, and permute, experts,
     un-permute and combine as one op (the permutation folded into the expert kernel), for routing
-    without padding slots (not expert choice)."""
-    if routing.mask_TK is not None or not experts_fit(x_TD, experts.w1):
+    without padding slots (not expert choice) and experts that are exactly ``FusedSwiGLUExperts``:
+    the op computes their function, not that of a subclass with its own ``forward_grouped``."""
+    if routing.mask_TK is not None or type(experts) is not FusedSwiGLUExperts or not experts_fit(x_TD, experts.w1):
         return sorted_dispatch(x_TD, routing, experts)
     pairs = ops.sort_pairs_by_expert(routing.expert_ids_TK, experts.num_experts)
     y_TD = ops.fused_sorted_experts(x_TD, routing.weights_TK, experts, pairs)
