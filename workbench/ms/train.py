@@ -181,9 +181,7 @@ def routing_info(layer: tuple, batch_shape: tuple[int, int], capacity: int | Non
     workbench's metrics (``workbench.moe.routing_metrics``) and analyses read MindSpore runs unchanged."""
     import torch
 
-    from workbench.moe.dispatch import DispatchStats
-    from workbench.moe.layer import RoutingInfo
-    from workbench.moe.routers import RouterOutput
+    from workbench.moe.types import DispatchStats, RouterOutput, RoutingInfo
 
     ids, weights, scores, logits, counts, kept, *raw, weighted = (np.asarray(t.asnumpy()) for t in layer)
     T, K = ids.shape
