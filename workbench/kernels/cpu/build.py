@@ -139,7 +139,7 @@ def kernel_available() -> bool:
 
 
 def require_kernel() -> ModuleType:
-    """The built extension; raises where it is not available (check ``fused_kernel_applies`` first)."""
+    """The built extension; raises where it is not available (check ``kernel_available()`` first)."""
     kernel = load_kernel()
     if kernel is None:
         raise RuntimeError("the fused CPU kernels are not available; check kernel_available() first")
