@@ -9,11 +9,26 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from workbench.bench.peak import measure_matmul_peak
-from workbench.config import preset
+from workbench.config import PRESETS, preset
 from workbench.train import TrainConfig, Trainer
+
+
+@dataclass(kw_only=True)
+class TrainBenchConfig:
+    """What ``workbench bench train`` times (the arguments of ``run_train_bench`` it takes as flags;
+    the comment is the flag's help). Checked as it is built (``check_train_bench_args``)."""
+
+    presets: tuple[str, ...] = field(default=("tiny", "small"), metadata={"allowed": PRESETS})  # comma-separated
+    steps: int = 24  # optimizer steps timed per preset (3 more warm up), in rounds of 3
+    batch_size: int | None = None  # sequences per step; None: each preset's training batch
+    dense: bool = False  # time each preset's dense twin as well, taking turns, and report the ratio
+
+    def __post_init__(self) -> None:
+        check_train_bench_args(list(self.presets), steps=self.steps, batch_size=self.batch_size)
 
 
 def check_train_bench_args(presets: list[str], steps: int, batch_size: int | None) -> None:

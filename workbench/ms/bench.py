@@ -32,13 +32,27 @@ from typing import Any
 
 import numpy as np
 
-from workbench.config import ModelConfig
+from workbench.config import PRESETS, ModelConfig
 from workbench.moe.config import MoEConfig
 from workbench.ms._import import require_mindspore
 from workbench.train.config import TrainConfig
 from workbench.validation import check, check_choice, check_int
 
 MODES = ("pynative", "graph")
+
+
+@dataclasses.dataclass(kw_only=True)
+class MindSporeBenchConfig:
+    """The arguments of ``run_mindspore_bench`` that ``workbench bench mindspore`` takes, one flag each
+    (the comment is its help); ``run_mindspore_bench`` checks them, once MindSpore is there."""
+
+    preset: str = dataclasses.field(default="tiny", metadata={"choices": PRESETS})  # model preset
+    batch_size: int = 16  # sequences per step
+    steps: int = 5  # timed steps per side and round
+    warmup: int = 3  # untimed steps first, per side (GRAPH compiles here)
+    rounds: int = 4  # rounds of the sides taking turns
+    modes: tuple[str, ...] = dataclasses.field(default=("graph", "pynative"), metadata={
+        "allowed": MODES, "help": "comma-separated MindSpore modes to time"})
 
 
 def _timed(fn: Callable[[], Any], steps: int, warmup: int) -> list[float]:
