@@ -33,7 +33,7 @@ def test_code_version_follows_the_training_code_not_the_plots(tmp_path):
     shutil.copytree(Path(ex.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
     before = REAL_CODE_VERSION(package)
     (package / "viz.py").write_text((package / "viz.py").read_text() + "\n# a new plot\n")
-    (package / "cli.py").write_text((package / "cli.py").read_text() + "\n# a new flag\n")
+    (package / "cli" / "train.py").write_text((package / "cli" / "train.py").read_text() + "\n# a new flag\n")
     (package / "experiments.py").write_text((package / "experiments.py").read_text() + "\n# a new table\n")
     assert REAL_CODE_VERSION(package) == before
     (package / "moe" / "balance.py").write_text((package / "moe" / "balance.py").read_text() + "\n# changed\n")

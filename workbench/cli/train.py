@@ -1,0 +1,371 @@
+"""``workbench train``, ``show`` and ``sweep``: training runs and what they wrote.
+
+Every field of ``ModelConfig``, ``MoEConfig`` and ``TrainConfig`` is a ``train`` flag
+(``--num-experts 16``); the defaults shown by ``--help`` are the ``tiny`` preset's. The allowed
+values a ``--help`` lists are what each config's own validation allows (``validated_choices``).
+
+Under torchrun (``torchrun --nproc-per-node N -m workbench train ... --expert-parallel P``) every
+rank runs ``train``; rank 0 alone prints the run's lines and writes the run directory, and a
+fault on another rank is printed with that rank's number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from workbench.cli.common import (
+    EXIT_DIVERGED,
+    EXIT_INTERRUPTED,
+    add_config_flags,
+    given,
+    one_line,
+    usage_error,
+)
+from workbench.config import PRESETS, ModelConfig, MoEConfig, preset
+from workbench.train.config import BALANCE_RECIPES, TrainConfig, balance_recipe
+
+# Help for the config fields whose definition carries no trailing comment.
+_HELP = {
+    "vocab_size": "token ids the model embeds; at least 256 for the byte tokenizer",
+    "seq_len": "tokens per training sequence (the context length)",
+    "d_model": "model (residual stream) width",
+    "n_layers": "transformer blocks",
+    "n_heads": "attention heads; must divide d_model, with an even head dimension",
+    "rope_base": "base of the rotary position embedding angles",
+    "norm_eps": "RMSNorm epsilon",
+    "dropout": "dropout on the attention and FFN outputs, in [0, 1)",
+    "tie_embeddings": "share the embedding matrix with the LM head",
+    "num_experts": "routed experts per MoE layer (E)",
+    "top_k": "experts each token is routed to (K)",
+    "router": "how tokens choose experts",
+    "normalize_topk": "renormalise the k selected gates to sum to one (none: the router's default)",
+    "dispatch": "how tokens reach their experts (all compute the same function)",
+    "num_shared_experts": "experts every token goes through, besides the routed ones",
+    "capacity_factor": "capacity dispatch: slots per expert = capacity_factor x T x K / E (none: never drop)",
+}
+
+_NOT_A_CHOICE = "\x00"  # a value no registry holds
+
+
+def validated_choices(cls: type) -> dict[str, tuple[str, ...]]:
+    """The allowed values of each ``str`` field of the config ``cls``, as its own validation names them.
+
+    The config is built with a value no field allows in one field at a time; a choice field refuses it
+    with ``<field>=<value> is invalid: allowed values are a, b, c`` (``workbench.validation``). So the
+    help lists exactly what the config accepts, and a new choice field needs nothing here. Only for
+    configs whose validation has no side effects (ModelConfig, MoEConfig, TrainConfig).
+    """
+    hints = typing.get_type_hints(cls)
+    allowed = {}
+    for f in dataclasses.fields(cls):
+        if hints[f.name] is not str:
+            continue
+        try:
+            cls(**{f.name: _NOT_A_CHOICE})
+        except ValueError as err:
+            head, found, names = str(err).partition(" is invalid: allowed values are ")
+            if found and head == f"{f.name}={_NOT_A_CHOICE!r}":
+                allowed[f.name] = tuple(names.split(", "))
+    return allowed
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add ``train``, ``show`` and ``sweep``; each parser's ``run`` default runs its command."""
+    _add_train(sub)
+    _add_show(sub)
+    _add_sweep(sub)
+
+
+# --- train ------------------------------------------------------------------------------------
+
+
+_TRAIN_DESCRIPTION = """\
+Train a compact Mixture-of-Experts language model on the built-in corpus (or on your own text
+with --data) and write checkpoints, metrics.jsonl, report.png and summary.json to --run-dir.
+
+Every field of the model, MoE and training configs is a flag; defaults are the tiny preset's.
+Start from --preset, apply a --balance recipe, then explicit flags. --resume continues a run
+bit for bit from its newest good checkpoint; see a run with `workbench show RUN_DIR`.
+
+Several processes: torchrun --nproc-per-node N -m workbench train ... --expert-parallel P
+splits every MoE layer's experts over P ranks (all-to-all of tokens) and shares each step's
+micro-batches out over the N ranks (--grad-accum a multiple of N; data parallel over N / P
+copies of the experts). Checkpoints keep the one-process layout: any number of ranks resumes them.
+
+Exit status: 0 done (or already finished), 1 training diverged (the last good checkpoint is
+kept), 2 a bad value or any other fault (one line on stderr), 130 interrupted by Ctrl-C."""
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a compact MoE LM", description=_TRAIN_DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS),
+                   help=f"model preset; one of: {', '.join(PRESETS)} (default: tiny)")
+    p.add_argument("--dense", action="store_true", help="the dense baseline: no MoE layer")
+    p.add_argument("--balance", choices=list(BALANCE_RECIPES),
+                   help="a load-balancing recipe; explicit loss-weight flags override it; one of: "
+                        + ", ".join(BALANCE_RECIPES))
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir exactly (a finished run is left as it is)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --run-dir; it is deleted only once the new run has been checked")
+    p.add_argument("--expert-parallel", type=int, default=None, metavar="P",
+                   help="under torchrun: split each MoE layer's experts over P ranks (P divides num_experts and "
+                        "the number of ranks; the rest is data parallelism); default 1, data parallel only")
+    base = preset("tiny")
+    # one group per config; ModelConfig.moe is the MoEConfig group
+    for cls, defaults, title in ((ModelConfig, base, "model (ModelConfig)"),
+                                 (MoEConfig, base.moe, "MoE layers (MoEConfig)"),
+                                 (TrainConfig, TrainConfig(), "training (TrainConfig)")):
+        add_config_flags(p, cls, defaults, title, skip=("moe",), help=_HELP, allowed=validated_choices(cls))
+    p.set_defaults(run=_run_train)
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
+    """Preset, then balance recipe, then explicit flags; validation errors propagate as ValueError."""
+    moe_overrides = balance_recipe(args.balance) if args.balance else {}
+    moe_overrides.update(given(args, MoEConfig))
+    model_cfg = preset(args.preset, **moe_overrides)
+    model_cfg = ModelConfig(**{**dataclasses.asdict(model_cfg), "moe": None if args.dense else model_cfg.moe,
+                               **given(args, ModelConfig)})
+    train_cfg = TrainConfig(**given(args, TrainConfig))
+    if train_cfg.data is not None and not Path(train_cfg.data).expanduser().exists():
+        raise ValueError(f"data={train_cfg.data!r} is invalid: the path does not exist")
+    return model_cfg, train_cfg
+
+
+def _parallel_launch(args: argparse.Namespace):
+    """The parallel context of a torchrun launch (``WORLD_SIZE`` > 1), or None for one process.
+
+    ``--expert-parallel P`` > 1 without such a launch is refused with the command line to use.
+    """
+    P = args.expert_parallel
+    if P is not None and P < 1:
+        raise ValueError(f"--expert-parallel={P} is invalid: must be an integer >= 1")
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        if P not in (None, 1):
+            raise ValueError(f"--expert-parallel={P} is invalid here: it splits the experts over {P} processes, "
+                             f"and this is one; launch with: torchrun --nproc-per-node {P} -m workbench train ... "
+                             f"--expert-parallel {P}")
+        return None
+    from workbench.parallel import init_parallel
+
+    if args.resume:  # the device the run recorded
+        from workbench.train.rundir import read_run_info
+
+        info = read_run_info(Path(vars(args).get("run_dir", TrainConfig().run_dir))) or {}
+        device = info.get("train_config", {}).get("device", TrainConfig().device)
+    else:
+        device = vars(args).get("device", TrainConfig().device)
+    return init_parallel(expert_parallel=P or 1, device=device)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    prog = "workbench train"
+    try:
+        parallel = _parallel_launch(args)
+    except (ValueError, RuntimeError) as err:
+        usage_error(prog, str(err))
+    if parallel is None:
+        return _train(args, prog, None)
+    from workbench.parallel import shutdown
+
+    try:
+        return _train(args, prog if parallel.is_main else f"{prog} [rank {parallel.rank}]", parallel)
+    finally:
+        shutdown()
+
+
+def _train(args: argparse.Namespace, prog: str, parallel) -> int:
+    from workbench.train import CheckpointError, Trainer, TrainingDiverged
+
+    trainer_cls, errors = Trainer, (ValueError, OSError, CheckpointError)
+    if parallel is not None:
+        from workbench.parallel.trainer import ExpertParallelTrainer, PeerFailed
+
+        trainer_cls, errors = ExpertParallelTrainer, (*errors, PeerFailed)
+    say = print if parallel is None or parallel.is_main else (lambda *a, **k: None)  # rank 0 speaks for the run
+    os.environ.setdefault("WANDB_MODE", "offline")  # runs can be synced later with `wandb sync`
+    try:
+        if args.resume:
+            flags = {**given(args, ModelConfig), **given(args, MoEConfig), **given(args, TrainConfig)}
+            changed = [k for k in flags if k not in ("run_dir", "progress")]
+            if changed or args.dense or args.balance or args.overwrite:
+                usage_error(prog, "--resume continues a run exactly: only --run-dir, --no-progress and "
+                             "--expert-parallel may be given")
+            run_dir = vars(args).get("run_dir", TrainConfig().run_dir)
+            trainer = trainer_cls.resume(run_dir, progress=vars(args).get("progress", True))
+            if trainer.finished:
+                say(f"{run_dir} is finished: step {trainer.step} of {trainer.cfg.steps}, nothing to do and "
+                    f"nothing changed (see it with: workbench show {run_dir})")
+                return 0
+            say(f"resuming {run_dir} from step {trainer.step} ({trainer.resumed_from.name})")
+        else:
+            model_cfg, train_cfg = configs_from_args(args)
+            trainer = trainer_cls(model_cfg, train_cfg, overwrite=args.overwrite)
+    except errors as err:
+        usage_error(prog, str(err))
+
+    say(f"model: {trainer.model_cfg.num_params():,} parameters, {trainer.model_cfg.num_active_params():,} active "
+        f"per token; data: {', '.join(trainer.data.domains)}; run dir: {trainer.run_dir}", flush=True)
+    if parallel is not None:
+        say(f"parallel: {parallel.world_size} ranks, expert parallel {parallel.ep_size} x data parallel "
+            f"{parallel.dp_size}, {parallel.backend} on {parallel.device.type}", flush=True)
+    try:
+        trainer.fit()
+    except TrainingDiverged as err:
+        print(f"{prog}: {one_line(err)}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except KeyboardInterrupt:
+        print(f"{prog}: {_interrupted(trainer)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except errors as err:  # a full disk, a run dir that went away...
+        usage_error(prog, f"{err}; training stopped at step {trainer.step}")
+    if parallel is not None and not parallel.is_main:
+        return 0
+    try:
+        print(summarize(trainer))
+    except OSError as err:
+        usage_error(prog, f"training finished, but writing its summary failed: {err}")
+    return 0
+
+
+def _interrupted(trainer) -> str:
+    last = trainer.last_checkpoint()
+    if last is None:
+        return f"interrupted at step {trainer.step}, before the first checkpoint: nothing to resume"
+    return (f"interrupted at step {trainer.step}; the last checkpoint is {last} "
+            f"(continue with: workbench train --resume --run-dir {trainer.run_dir})")
+
+
+def summarize(trainer) -> str:
+    """The end-of-run summary; also writes ``report.png`` and ``summary.json`` to the run dir.
+
+    A value that cannot be given (no validation window, no step timed in this process) is
+    ``null`` in ``summary.json`` and ``n/a`` with the reason in the text, never 0 or NaN.
+    """
+    from workbench.bench.peak import measure_matmul_peak
+    from workbench.train.rundir import write_json_atomic
+
+    history, ev, cfg = trainer.history, trainer.last_eval, trainer.model_cfg
+    lines = [f"run dir: {trainer.run_dir}"]
+    tokens_per_s: float | None = trainer.throughput()
+    peak = measure_matmul_peak(trainer.device)
+    if tokens_per_s is not None and tokens_per_s == tokens_per_s:  # not NaN
+        mfu: float | None = cfg.flops_per_token() * tokens_per_s / peak
+        lines.append(f"throughput: {tokens_per_s:,.0f} tokens/s; model FLOP utilisation {100 * mfu:.1f}% of a "
+                     f"{peak / 1e9:,.0f} GFLOP/s {trainer.device.type} matmul measured now")
+    else:
+        tokens_per_s = mfu = None
+        lines.append("throughput: n/a (no training step ran in this process)")
+    summary: dict[str, Any] = {"step": trainer.step, "tokens_per_s": tokens_per_s, "mfu": mfu,
+                               "matmul_peak_flops": peak, "flops_per_token": cfg.flops_per_token()}
+    if ev is not None:
+        parts = [f"{d} {ev.loss_per_domain[d]:.3f}" if d in ev.loss_per_domain else f"{d} n/a"
+                 for d in ev.domains]
+        overall = f"{ev.loss:.3f}" if ev.loss is not None else "n/a"
+        lines.append(f"validation loss at step {ev.step} (nats/byte): {' | '.join(parts)} | all {overall}")
+        for d, why in ev.missing.items():
+            lines.append(f"  {d}: n/a, {why}")
+        summary.update(val_loss=ev.loss, val_loss_per_domain={d: ev.loss_per_domain.get(d) for d in ev.domains},
+                       val_missing=dict(ev.missing))
+    else:
+        lines.append("validation loss: n/a (no evaluation ran in this process)")
+        summary.update(val_loss=None, val_missing={"all": "no evaluation ran in this process"})
+    tail = history[-10:]
+    layers = sorted({k.split("/")[0] for r in tail for k in r if k.startswith("L") and k.endswith("/max_vio")})
+    if layers:
+        vio = {layer: sum(r[f"{layer}/max_vio"] for r in tail) / len(tail) for layer in layers}
+        lines.append(f"MaxVio (mean of the last {len(tail)} steps): "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in vio.items()))
+        summary["max_vio"] = vio
+    try:
+        from workbench.viz import training_report
+
+        report = trainer.run_dir / "report.png"
+        training_report(history, ev, report)
+        lines.append(f"report: {report}")
+    except ImportError as err:
+        lines.append(f"report skipped: {err}")
+    write_json_atomic(trainer.run_dir / "summary.json", summary)
+    return "\n".join(lines)
+
+
+# --- show -------------------------------------------------------------------------------------
+
+
+def _add_show(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("show", help="what a run did, from its files (read only)",
+                       description="Print what a training run did: its config, steps, how it ended, the final "
+                                   "validation loss per domain, load balance and throughput. Reads the run's files "
+                                   "(run.json, checkpoints, metrics.jsonl, summary.json) and changes none of them; "
+                                   "works on finished, interrupted and diverged runs.")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run's folder (workbench train --run-dir)")
+    p.add_argument("--json", action="store_true", help="print the same facts as one JSON object")
+    p.set_defaults(run=_run_show)
+
+
+def _run_show(args: argparse.Namespace) -> int:
+    from workbench.train.show import describe_run, format_run
+
+    try:
+        info = describe_run(args.run_dir)
+    except (ValueError, OSError) as err:
+        usage_error("workbench show", str(err))
+    print(json.dumps(info, indent=2, allow_nan=False) if args.json else format_run(info))
+    return 0
+
+
+# --- sweep -------------------------------------------------------------------------------------
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="train a list of configs x seeds, reusing every finished run",
+                       description="Train every run of a sweep file (YAML; see workbench.experiments.load_sweep) "
+                                   "at every seed. Finished runs are cached under --cache by their full config "
+                                   "and the code version, so running the same file again trains nothing new. "
+                                   "Writes runs.csv, evals.csv, steps.csv.gz and details.json.gz to --out.")
+    p.add_argument("file", type=Path, help="the sweep file (YAML)")
+    p.add_argument("--jobs", type=int, help="runs trained at once (default: the file's jobs, else one per core)")
+    p.add_argument("--cache", type=Path, help="cache folder (default: the file's cache, else runs/cache)")
+    p.add_argument("--out", type=Path, help="results folder (default: the file's out, else runs/sweeps/<file name>)")
+    p.add_argument("--dry-run", action="store_true", help="check the file and list the runs; train nothing")
+    p.set_defaults(run=_run_sweep)
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from workbench.experiments import load_sweep, run_experiments, summary_table
+
+    prog = "workbench sweep"
+    try:
+        sweep = load_sweep(args.file)
+        if args.jobs is not None and args.jobs < 1:
+            raise ValueError(f"--jobs={args.jobs} is invalid: must be >= 1")
+    except (ValueError, ImportError) as err:
+        usage_error(prog, str(err))
+    runs = sum(len(e.seeds or sweep.seeds) for e in sweep.experiments)
+    print(f"{len(sweep.experiments)} experiments, {runs} runs; seeds {sweep.seeds}")
+    if args.dry_run:
+        for e in sweep.experiments:
+            print(f"  {e.name}: seeds {list(e.seeds or sweep.seeds)}, {e.train.steps} steps, "
+                  f"{e.model.num_params():,} parameters")
+        return 0
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    out = args.out or sweep.out_dir
+    try:
+        results = run_experiments(sweep.experiments, sweep.seeds, cache_dir=args.cache or sweep.cache_dir,
+                                  jobs=args.jobs or sweep.jobs, log=lambda line: print(line, flush=True))
+        results.save(out)
+    except (ValueError, OSError) as err:
+        usage_error(prog, str(err))
+    print(summary_table(results))
+    print(f"wrote {out}/runs.csv, evals.csv, steps.csv.gz, details.json.gz")
+    return 0
+
