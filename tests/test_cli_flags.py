@@ -18,7 +18,6 @@ from workbench.bench.train import TrainBenchConfig
 from workbench.cli import build_parser
 from workbench.cli.bench import DeviceTableArgs, ExpertParallelBenchArgs, ModelBenchArgs
 from workbench.cli.common import Parser, add_config_flags, given
-from workbench.cli.train import validated_choices
 from workbench.config import ModelConfig, MoEConfig
 from workbench.ms.bench import MindSporeBenchConfig
 from workbench.train.config import AUTOCAST, TrainConfig
@@ -118,9 +117,14 @@ def test_a_field_no_flag_can_parse_is_refused_loudly():
 def test_train_lists_the_values_each_config_allows():
     from workbench.moe import DISPATCHES, ROUTERS
 
-    moe = validated_choices(MoEConfig)
-    assert moe["router"] == tuple(ROUTERS) and moe["dispatch"] == tuple(DISPATCHES)
+    moe = MoEConfig.ALLOWED
+    assert moe["router"] is ROUTERS and moe["dispatch"] is DISPATCHES  # the live registries
     str_fields = {f.name for f in dataclasses.fields(MoEConfig) if f.type in ("str", str)}
     assert set(moe) == str_fields  # every str field of MoEConfig is a choice
-    train = validated_choices(TrainConfig)
+    for name, allowed in moe.items():  # and its validation refuses anything else, naming the values
+        with pytest.raises(ValueError, match=f"{name}='nope' is invalid: allowed values are {', '.join(allowed)}"):
+            MoEConfig(**{name: "nope"})
+    train = TrainConfig.ALLOWED
     assert train["autocast"] == AUTOCAST and set(train) == {"autocast", "device"}  # run_dir, data: free text
+    help_text = " ".join(subcommands(build_parser())["train"].format_help().split())
+    assert f"one of: {', '.join(ROUTERS)}" in help_text and f"one of: {', '.join(AUTOCAST)}" in help_text

@@ -2,7 +2,7 @@
 
 Every field of ``ModelConfig``, ``MoEConfig`` and ``TrainConfig`` is a ``train`` flag
 (``--num-experts 16``); the defaults shown by ``--help`` are the ``tiny`` preset's. The allowed
-values a ``--help`` lists are what each config's own validation allows (``validated_choices``).
+values a ``--help`` lists come from each config's ``ALLOWED`` table, which its validation checks.
 
 Under torchrun (``torchrun --nproc-per-node N -m workbench train ... --expert-parallel P``) every
 rank runs ``train``; rank 0 alone prints the run's lines and writes the run directory, and a
@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import sys
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -50,31 +49,6 @@ _HELP = {
     "num_shared_experts": "experts every token goes through, besides the routed ones",
     "capacity_factor": "capacity dispatch: slots per expert = capacity_factor x T x K / E (none: never drop)",
 }
-
-_NOT_A_CHOICE = "\x00"  # a value no registry holds
-
-
-def validated_choices(cls: type) -> dict[str, tuple[str, ...]]:
-    """The allowed values of each ``str`` field of the config ``cls``, as its own validation names them.
-
-    The config is built with a value no field allows in one field at a time; a choice field refuses it
-    with ``<field>=<value> is invalid: allowed values are a, b, c`` (``workbench.validation``). So the
-    help lists exactly what the config accepts, and a new choice field needs nothing here. Only for
-    configs whose validation has no side effects (ModelConfig, MoEConfig, TrainConfig).
-    """
-    hints = typing.get_type_hints(cls)
-    allowed = {}
-    for f in dataclasses.fields(cls):
-        if hints[f.name] is not str:
-            continue
-        try:
-            cls(**{f.name: _NOT_A_CHOICE})
-        except ValueError as err:
-            head, found, names = str(err).partition(" is invalid: allowed values are ")
-            if found and head == f"{f.name}={_NOT_A_CHOICE!r}":
-                allowed[f.name] = tuple(names.split(", "))
-    return allowed
-
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add ``train``, ``show`` and ``sweep``; each parser's ``run`` default runs its command."""
@@ -124,7 +98,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     for cls, defaults, title in ((ModelConfig, base, "model (ModelConfig)"),
                                  (MoEConfig, base.moe, "MoE layers (MoEConfig)"),
                                  (TrainConfig, TrainConfig(), "training (TrainConfig)")):
-        add_config_flags(p, cls, defaults, title, skip=("moe",), help=_HELP, allowed=validated_choices(cls))
+        add_config_flags(p, cls, defaults, title, skip=("moe",), help=_HELP, allowed=getattr(cls, "ALLOWED", {}))
     p.set_defaults(run=_run_train)
 
 

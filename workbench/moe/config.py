@@ -10,7 +10,9 @@ registry (``Router.check_config``), so this file names no router.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
+from typing import ClassVar
 
 from workbench.moe.balance import AUX_LOSS_SCOPES, BALANCE_LOSSES, BIAS_UPDATE_RULES
 from workbench.moe.dispatch import CAPACITY_SCOPES, DISPATCHES, DROP_POLICIES
@@ -23,6 +25,14 @@ EXPERT_CHOICE_EVAL = ("expert_choice", "token_choice")
 @dataclass(kw_only=True)
 class MoEConfig:
     """One MoE feed-forward layer: router, experts, dispatch and load balancing."""
+
+    # The fields that name one of a set, and the set (a registry's live keys where there is one):
+    # validated here, and listed by each flag's --help (workbench.cli).
+    ALLOWED: ClassVar[dict[str, Collection[str]]] = {
+        "router": ROUTERS, "dispatch": DISPATCHES, "drop_policy": DROP_POLICIES, "capacity_scope": CAPACITY_SCOPES,
+        "aux_loss_scope": AUX_LOSS_SCOPES, "bias_update_rule": BIAS_UPDATE_RULES,
+        "expert_choice_eval": EXPERT_CHOICE_EVAL,
+    }
 
     num_experts: int = 8
     top_k: int = 2
@@ -81,12 +91,8 @@ class MoEConfig:
             check_int(name, getattr(self, name), 1)
         check(self.top_k <= self.num_experts, "top_k", f"must be between 1 and num_experts={self.num_experts}",
               self.top_k)
-        check_choice("router", self.router, ROUTERS)
-        check_choice("dispatch", self.dispatch, DISPATCHES)
-        check_choice("drop_policy", self.drop_policy, DROP_POLICIES)
-        check_choice("capacity_scope", self.capacity_scope, CAPACITY_SCOPES)
-        check_choice("aux_loss_scope", self.aux_loss_scope, AUX_LOSS_SCOPES)
-        check_choice("bias_update_rule", self.bias_update_rule, BIAS_UPDATE_RULES)
+        for name, allowed in self.ALLOWED.items():
+            check_choice(name, getattr(self, name), allowed)
         if self.capacity_scope == "sequence":
             check(self.dispatch == "capacity", "capacity_scope",
                   f"'sequence' shares slots per sequence, which only dispatch='capacity' has (dispatch="
@@ -94,7 +100,6 @@ class MoEConfig:
             check(self.drop_policy == "position", "drop_policy",
                   "capacity_scope='sequence' claims slots in token order, which needs drop_policy='position' "
                   "(score priority lets a later token take an earlier one's slot: not causal)", self.drop_policy)
-        check_choice("expert_choice_eval", self.expert_choice_eval, EXPERT_CHOICE_EVAL)
         check(self.normalize_topk in (None, True, False), "normalize_topk", "must be True, False or None",
               self.normalize_topk)
         if self.capacity_factor is not None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from workbench.validation import check as _check
 
@@ -29,6 +30,10 @@ def _device_syntax_ok(name: Any) -> bool:
 @dataclass(kw_only=True)
 class TrainConfig:
     """One training run: optimisation, evaluation, checkpoints and data."""
+
+    # What the fields that name one of a set allow, as each flag's --help lists it (workbench.cli);
+    # __post_init__ checks them (the device by its spelling: cuda:1 is one of cuda[:N]).
+    ALLOWED: ClassVar[dict[str, Collection[str]]] = {"autocast": AUTOCAST, "device": DEVICES}
 
     steps: int = 300  # optimizer steps in the whole run
     batch_size: int = 16  # sequences per micro-batch
