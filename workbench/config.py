@@ -14,7 +14,7 @@ from typing import Any
 
 from workbench.moe.config import MoEConfig
 from workbench.moe.routers import Router, router_class
-from workbench.validation import check, check_choice, check_int
+from workbench.validation import check, check_choice, check_int, check_real
 
 __all__ = ["PRESETS", "ModelConfig", "MoEConfig", "dense_baseline", "preset", "small", "tiny"]
 
@@ -47,6 +47,9 @@ class ModelConfig:
         check(self.d_model % self.n_heads == 0, "n_heads", f"must divide d_model={self.d_model}", self.n_heads)
         check((self.d_model // self.n_heads) % 2 == 0, "n_heads",
                "d_model / n_heads must be even for rotary embeddings", self.n_heads)
+        # a NaN, infinite or zero RoPE base or norm epsilon would stop the run at step 1 naming no field
+        check_real("rope_base", self.rope_base, 0, above=True)
+        check_real("norm_eps", self.norm_eps, 0, above=True)
         check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)", self.dropout)
         check(self.moe_every >= 1, "moe_every", "must be >= 1", self.moe_every)
         check(0 <= self.first_dense_layers <= self.n_layers, "first_dense_layers",

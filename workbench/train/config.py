@@ -7,9 +7,11 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
 from workbench.validation import check as _check
+from workbench.validation import check_int, check_real
 
 AUTOCAST = ("auto", "bf16", "none")
 DEVICES = ("auto", "cpu", "cuda[:N]", "npu[:N]", "mps")
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed accepts
 
 
 def _device_syntax_ok(name: Any) -> bool:
@@ -66,10 +68,16 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_windows", "checkpoint_every",
                      "keep_checkpoints", "max_bytes_per_domain"):
             _check(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
-        _check(self.lr > 0, "lr", "must be > 0", self.lr)
+        # finite numbers: an infinite or NaN learning rate or weight decay passes a plain comparison and
+        # then stops the run with "loss is nan at step 1", naming no field
+        check_real("lr", self.lr, 0, above=True)
         _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]", self.min_lr_ratio)
         _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0", self.warmup_steps)
-        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
+        check_real("weight_decay", self.weight_decay, 0)
+        # torch.manual_seed takes a 64-bit seed; a larger one fails deep inside the trainer
+        check_int("seed", self.seed, SEED_RANGE[0])
+        _check(self.seed <= SEED_RANGE[1], "seed", f"must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}",
+               self.seed)
         _check(0 <= self.beta1 < 1, "beta1", "must be in [0, 1)", self.beta1)
         _check(0 <= self.beta2 < 1, "beta2", "must be in [0, 1)", self.beta2)
         _check(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)", self.grad_clip)
