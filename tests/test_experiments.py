@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from tests.train.conftest import one_line, run_cli
 from workbench import experiments as ex
 from workbench.config import ModelConfig, MoEConfig, preset
 from workbench.experiments import Experiment, Results, load_sweep, run_experiments, run_key
@@ -356,3 +357,96 @@ def test_traced_runs_record_the_validation_routing_and_saturation(tmp_path):
         plain.routing_counts("aux", 0)
     assert plain.saturation().empty
     assert run_key(exps[0], 0, "v", traces=True) != run_key(exps[0], 0, "v")
+
+
+# --- sweep files that used to pass a check and fail later (issue 27, items 7, 11 and 16) ---------
+
+BASE = """
+model: {seq_len: 32, d_model: 32, n_layers: 2, n_heads: 2, dense_hidden: 32}
+moe: {expert_hidden: 16}
+train: {steps: 2, batch_size: 2, eval_every: 2, eval_windows: 1, max_bytes_per_domain: 200000}
+jobs: 1
+"""
+
+
+def sweep_cli(capsys, tmp_path, text: str, *flags: str) -> tuple[int, str, str]:
+    path = tmp_path / "s.yaml"
+    path.write_text(BASE + text)
+    return run_cli(capsys, "sweep", str(path), "--cache", str(tmp_path / "cache"), *flags)
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ('runs: [{name: a, dense: "no"}]', "dense='no' is invalid: must be true or false"),
+    ("runs: [{name: a, train: {steps: true}}]", "train.steps=True is invalid: must be an integer"),
+    ('runs: [{name: a, train: {lr: "0.1"}}]', "train.lr='0.1' is invalid: must be a number"),
+    ('runs: [{name: a, moe: {normalize_topk: "no"}}]', "normalize_topk='no' is invalid: must be true or false or null"),
+    ("runs: [{name: a, model: {tie_embeddings: 1}}]", "tie_embeddings=1 is invalid: must be true or false"),
+    ("out: 5\nruns: [{name: a}]", "out=5 is invalid: must be a folder path"),
+    ("cache: [a, b]\nruns: [{name: a}]", "cache=['a', 'b'] is invalid: must be a folder path"),
+    ('runs: [{name: a, tags: "x"}]', "tags='x' is invalid: must be a mapping"),
+    ("runs: [{name: a}, {name: a}]", "runs=['a'] is invalid: need distinct names"),
+    ("seeds: 3\nruns: [{name: a}]", "seeds=3 is invalid: must be a list of the seeds to run, such as [0, 1, 2]"),
+    ("runs: [{name: a, seeds: 3}]", "seeds=3 is invalid: must be a list"),
+])
+def test_sweep_values_are_checked_by_type_before_a_dry_run(tmp_path, capsys, text, needle):
+    """Items 7 and 11: each of these passed --dry-run (or raised TypeError, or trained the dense
+    twin for dense: "no"); now --dry-run refuses them with one line naming the file and the key."""
+    code, out, err = sweep_cli(capsys, tmp_path, text, "--dry-run")
+    assert code == 2, out + err
+    line = one_line(err)
+    assert needle in line and "s.yaml" in line, line
+
+
+def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
+    """Item 11: a run whose loss turns NaN used to end the sweep in a TrainingDiverged traceback."""
+    text = "runs:\n  - name: boom\n    train: {lr: 1.0e+30, warmup_steps: 0, grad_clip: 0}\n  - name: ok\n"
+    code, out, err = sweep_cli(capsys, tmp_path, text, "--out", str(tmp_path / "out"))
+    assert code == 1, err
+    assert "diverged boom, seed 0: gradient norm is nan at step 2; the sweep goes on" in out
+    assert "done     ok, seed 0" in out
+    line = one_line(err)
+    assert "1 of 2 runs diverged: boom seed 0: gradient norm is nan at step 2" in line
+    runs = Results.load(tmp_path / "out").runs.set_index("name")
+    assert runs.loc["boom", "diverged"] == "gradient norm is nan at step 2"
+    assert runs["diverged"].isna()["ok"]
+
+
+def test_a_corrupt_cache_entry_is_retrained_with_one_line(tmp_path, capsys, recwarn):
+    """Item 11: joblib printed its unpickling traceback (as a warning) and retrained without a word."""
+    code, _, _ = sweep_cli(capsys, tmp_path, "runs: [{name: a}]", "--out", str(tmp_path / "out"))
+    assert code == 0
+    [pkl] = (tmp_path / "cache").rglob("output.pkl")
+    pkl.write_bytes(b"\x80\x04 not a pickle")
+    code, out, err = sweep_cli(capsys, tmp_path, "runs: [{name: a}]", "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    assert "a, seed 0: its cache entry cannot be read" in out and "training it again" in out
+    assert "Traceback" not in out + err and not [w for w in recwarn if "joblib" in str(w.message).lower()
+                                                  or "Exception while loading" in str(w.message)]
+    code, out, _ = sweep_cli(capsys, tmp_path, "runs: [{name: a}]", "--out", str(tmp_path / "out"))
+    assert code == 0 and "cached   a, seed 0" in out  # retrained into the cache
+
+
+def test_a_binary_sweep_file_names_the_file(tmp_path, capsys):
+    """Item 16: a binary file gave 'utf-8 codec can't decode...', naming neither file nor key."""
+    path = tmp_path / "s.yaml"
+    path.write_bytes(b"runs: [{name: a}]\n\xff\xfe\x00binary")
+    code, _, err = run_cli(capsys, "sweep", str(path), "--dry-run")
+    assert code == 2
+    line = one_line(err)
+    assert str(path) in line and "not UTF-8 text" in line
+
+
+@pytest.mark.parametrize("where", ["flag", "file", "below a file"])
+def test_a_sweep_out_that_is_a_file_is_refused_before_training(tmp_path, capsys, monkeypatch, where):
+    """Item 16: --out pointing at a file failed only after training, with '[Errno 17] File exists'."""
+    monkeypatch.setattr(ex, "train_run", lambda *a, **k: pytest.fail("a run was trained"))
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    out = taken if where != "below a file" else taken / "sub"
+    if where == "file":
+        code, _, err = sweep_cli(capsys, tmp_path, f"out: {out}\nruns: [{{name: a}}]")
+    else:
+        code, _, err = sweep_cli(capsys, tmp_path, "runs: [{name: a}]", "--out", str(out))
+    assert code == 2
+    line = one_line(err)
+    assert ("--out=" if where != "file" else "out (in ") in line and "must be a folder" in line, line

@@ -28,6 +28,7 @@ cache, and one as it ends with its validation loss and global MaxVio.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import hashlib
 import inspect
 import math
@@ -84,6 +85,9 @@ class Experiment:
               self.name)
         check(isinstance(self.model, ModelConfig), "model", "must be a ModelConfig", type(self.model).__name__)
         check(isinstance(self.train, TrainConfig), "train", "must be a TrainConfig", type(self.train).__name__)
+        # the tags become table columns: a string (tags: "x") would pass a dry run and fail after training
+        check(isinstance(self.tags, Mapping) and all(isinstance(k, str) for k in self.tags), "tags",
+              "must be a mapping of column names to values, e.g. {method: aux}", self.tags)
         reserved = {"name", "seed"} & set(self.tags)
         check(not reserved, "tags", "must not use the column names 'name' or 'seed'", sorted(reserved))
         if self.seeds is not None:
@@ -91,8 +95,9 @@ class Experiment:
 
 
 def _check_seeds(seeds: Any) -> None:
-    check(isinstance(seeds, list | tuple) and len(seeds) > 0
-          and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds), "seeds",
+    check(isinstance(seeds, list | tuple), "seeds", "must be a list of the seeds to run, such as [0, 1, 2] "
+          "(a single number is not a count of seeds: write [3] to run seed 3 alone)", seeds)
+    check(len(seeds) > 0 and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds), "seeds",
           "must be a non-empty list of integers", seeds)
     check(len(set(seeds)) == len(seeds), "seeds", "must not repeat", list(seeds))
 
@@ -140,9 +145,10 @@ def train_run(model: dict[str, Any], train: dict[str, Any], version: str, traces
     function ``joblib.Memory`` memoises, so its result must stay picklable and small. ``traces``:
     also record routing traces (``_TraceRecorder``) under ``"traces"``.
     """
-    from workbench.train.trainer import Trainer
+    from workbench.train.trainer import Trainer, TrainingDiverged
 
     model_cfg = ModelConfig.from_dict(model)
+    diverged = None
     with tempfile.TemporaryDirectory(prefix="workbench-run-") as tmp:
         cfg = TrainConfig.from_dict({**train, "run_dir": tmp, "progress": False,
                                      "checkpoint_every": train["steps"], "keep_checkpoints": 1})
@@ -150,10 +156,16 @@ def train_run(model: dict[str, Any], train: dict[str, Any], version: str, traces
         recorder = _Recorder(trainer)
         tracer = _TraceRecorder(trainer) if traces else None
         t0 = time.perf_counter()
-        trainer.fit(callback=recorder if tracer is None else _both(recorder, tracer))
+        try:
+            trainer.fit(callback=recorder if tracer is None else _both(recorder, tracer))
+        except TrainingDiverged as err:
+            # a result like any other (the same config diverges again, so it is cached too); the
+            # checkpoint the message names is in the temporary folder, gone in a moment
+            diverged = " ".join(str(err).split()).split("; training stopped")[0]
         wall = time.perf_counter() - t0
     step_times = sorted(row["step_time_s"] for row in trainer.history[min(3, len(trainer.history) - 1):])
     return {
+        "diverged": diverged,  # None, or what diverged and at which step
         "steps": recorder.scalar_rows,
         "load_fraction": recorder.load_fraction,
         "bias": recorder.bias,
@@ -161,7 +173,7 @@ def train_run(model: dict[str, Any], train: dict[str, Any], version: str, traces
         "moe_layers": list(model_cfg.moe_layers),
         "num_params": model_cfg.num_params(),
         "num_active_params": model_cfg.num_active_params(),
-        "step_time_s": step_times[len(step_times) // 2],
+        "step_time_s": step_times[len(step_times) // 2] if step_times else float("nan"),
         "tokens_per_s": trainer.throughput(),
         "wall_s": wall,
         "threads": torch.get_num_threads(),
@@ -402,9 +414,10 @@ def run_experiments(experiments: Iterable[Experiment], seeds: Sequence[int] = (0
     todo = []
     for i, ((e, s), a) in enumerate(zip(specs, args, strict=True)):
         if cached_train.check_call_in_cache(*a):
-            records[i] = cached_train(*a)
+            records[i] = _load_cached(cached_train, a, f"[{i + 1}/{len(specs)}] {e.name}, seed {s}", say)
+        if records[i] is not None:
             records[i]["cached"] = True
-            say(f"[{i + 1}/{len(specs)}] cached   {e.name}, seed {s}")
+            say(f"[{i + 1}/{len(specs)}] cached   {e.name}, seed {s}" + _diverged_note(records[i]))
         else:
             todo.append(i)
     if todo:
@@ -414,6 +427,9 @@ def run_experiments(experiments: Iterable[Experiment], seeds: Sequence[int] = (0
         record["cached"] = False
         records[i] = record
         e, s = specs[i]
+        if record.get("diverged"):
+            say(f"[{i + 1}/{len(specs)}] diverged {e.name}, seed {s}: {record['diverged']}; the sweep goes on")
+            return
         last = record["evals"][-1] if record["evals"] else {}
         vio = _global_max_vio(last) if last else float("nan")
         say(f"[{i + 1}/{len(specs)}] done     {e.name}, seed {s}: val loss {_fmt(last.get('val_loss'))}, "
@@ -426,6 +442,26 @@ def run_experiments(experiments: Iterable[Experiment], seeds: Sequence[int] = (0
     elif todo:
         _train_in_workers(cached_train, args, todo, specs, min(jobs, len(todo)), say, finished)
     return _tabulate(specs, records)
+
+
+def _load_cached(cached_train: Any, args: tuple, what: str, say: Callable[[str], None]) -> dict[str, Any] | None:
+    """A run's record from the cache, or None (the entry removed, one line said) when it cannot be
+    read: joblib itself would print the unpickling traceback and retrain without saying why."""
+    shelved = cached_train.call_and_shelve(*args)  # in the cache: a reference, nothing is run
+    try:
+        record = shelved.get()
+        check(isinstance(record, dict) and "steps" in record, "record", "must be a run's record", type(record))
+        return record
+    except Exception as err:  # any unpickling error: a truncated file, foreign bytes, an old format
+        reason = " ".join(str(err).split())[:120] or type(err).__name__
+        say(f"{what}: its cache entry cannot be read ({type(err).__name__}: {reason}); training it again")
+        with contextlib.suppress(OSError):
+            shelved.clear()
+        return None
+
+
+def _diverged_note(record: dict[str, Any]) -> str:
+    return f" (diverged: {record['diverged']})" if record.get("diverged") else ""
 
 
 def _train_in_workers(cached_train, args, todo, specs, jobs: int, say, finished) -> None:
@@ -545,6 +581,7 @@ def _tabulate(specs: Sequence[tuple[Experiment, int]], records: Sequence[dict[st
             "step_time_s": rec["step_time_s"],
             "tokens_per_s": rec["tokens_per_s"],
             "wall_s": rec["wall_s"],
+            "diverged": rec.get("diverged"),  # None, or what diverged at which step
             "cached": rec.get("cached", False),
         })
     return Results(pd.DataFrame(run_rows), pd.DataFrame(step_rows), pd.DataFrame(eval_rows), details)
@@ -578,14 +615,16 @@ class Sweep:
 
 
 def load_sweep(path: str | Path) -> Sweep:
-    """Read a sweep file (YAML). Every key is checked; a bad one raises ``ValueError`` naming it.
+    """Read a sweep file (YAML). Every key is checked; a bad one raises ``ValueError`` naming the
+    file and the key (each config value against its field's type: ``dense: "no"`` is refused, not
+    taken as true).
 
         preset: tiny                  # model preset (default tiny)
         seeds: [0, 1, 2]              # default [0]
         model: {n_layers: 4}          # ModelConfig fields for every run
         moe: {num_experts: 8}         # MoEConfig fields for every run
         train: {steps: 300}           # TrainConfig fields for every run
-        runs:                         # one entry per experiment
+        runs:                         # one entry per experiment, each with its own name
           - name: aux 1e-2
             moe: {aux_loss_weight: 0.01}
           - name: dense twin
@@ -594,14 +633,26 @@ def load_sweep(path: str | Path) -> Sweep:
         out: runs/sweeps/NAME         # default runs/sweeps/<file name without suffix>
         jobs: 2                       # default: one run per CPU core
     """
+    path = Path(path)
+    try:
+        return _load_sweep(path)
+    except ValueError as err:
+        message = " ".join(str(err).split())
+        raise ValueError(message if message.startswith("sweep file") else f"sweep file {str(path)!r}: {message}") \
+            from None
+
+
+def _load_sweep(path: Path) -> Sweep:
     from workbench.config import dense_baseline, preset
 
     yaml = _require("yaml")
-    path = Path(path)
     try:
-        spec = yaml.safe_load(path.read_text())
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise ValueError(f"sweep file {str(path)!r} cannot be read: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"sweep file {str(path)!r} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                         f"{err.start}): give a YAML file") from None
     except yaml.YAMLError as err:
         raise ValueError(f"sweep file {str(path)!r} is not valid YAML: {' '.join(str(err).split())}") from None
     check(isinstance(spec, dict), "sweep file", "must be a YAML mapping with a 'runs' list", type(spec).__name__)
@@ -614,38 +665,99 @@ def load_sweep(path: str | Path) -> Sweep:
     for key, section in base_sections.items():
         check(isinstance(section, dict), key, "must be a mapping of config fields", section)
     preset_name = spec.get("preset", "tiny")
+    for key in ("cache", "out"):
+        if key in spec:
+            check(isinstance(spec[key], str) and spec[key].strip() != "", key, "must be a folder path", spec[key])
 
     experiments = []
     for i, run in enumerate(spec["runs"]):
         where = f"runs[{i}]"
         check(isinstance(run, dict), where, "must be a mapping with at least a 'name'", run)
         _check_keys(where, run, RUN_KEYS)
+        where = f"{where} ({run.get('name', 'unnamed')})"
         for key in ("model", "moe", "train"):
             check(isinstance(run.get(key) or {}, dict), f"{where}.{key}", "must be a mapping of config fields",
                   run.get(key))
+        check(isinstance(run.get("dense", False), bool), f"{where}.dense", "must be true or false",
+              run.get("dense"))
+        check(isinstance(run.get("name", ""), str | int | float) and not isinstance(run.get("name"), bool),
+              f"{where}.name", "must be a string", run.get("name"))
         sections = {k: {**base_sections[k], **(run.get(k) or {})} for k in ("model", "moe", "train")}
         for key, cls in (("model", ModelConfig), ("moe", MoEConfig), ("train", TrainConfig)):
             allowed = [f.name for f in fields(cls) if f.name != "moe"]
-            _check_keys(f"{where} ({run.get('name', 'unnamed')}) {key}", sections[key], allowed)
+            _check_keys(f"{where} {key}", sections[key], allowed)
+            _check_types(f"{where} {key}", cls, sections[key])
         try:
             model = preset(preset_name, **sections["moe"])
             model = ModelConfig.from_dict({**model.to_dict(), **sections["model"], "moe": model.moe})
             if run.get("dense", False):
                 model = dense_baseline(model)
+            run_seeds = run.get("seeds")
+            if run_seeds is not None:
+                _check_seeds(run_seeds)
             experiments.append(Experiment(name=str(run.get("name", "")), model=model,
                                           train=TrainConfig(**sections["train"]), tags=run.get("tags") or {},
-                                          seeds=tuple(run["seeds"]) if "seeds" in run else None))
+                                          seeds=tuple(run_seeds) if run_seeds is not None else None))
         except (TypeError, ValueError) as err:
-            raise ValueError(f"{where} ({run.get('name', 'unnamed')}): {' '.join(str(err).split())}") from None
+            raise ValueError(f"{where}: {' '.join(str(err).split())}") from None
+    names = [e.name for e in experiments]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    check(not dupes, "runs", "need distinct names (they label the table rows)", dupes)
     jobs = spec.get("jobs", default_jobs())
     check(isinstance(jobs, int) and not isinstance(jobs, bool) and jobs >= 1, "jobs", "must be an integer >= 1", jobs)
     return Sweep(experiments, list(seeds), Path(spec.get("cache", "runs/cache")),
                  Path(spec.get("out", Path("runs/sweeps") / path.stem)), jobs)
 
 
+def check_folder(field_name: str, path: str | Path) -> None:
+    """``path`` is a folder or can be made one: neither it nor a folder above it is a file. Checked
+    before a sweep trains, so a results folder that cannot be written does not cost the sweep."""
+    path = Path(path)
+    for existing in (path, *path.parents):
+        if existing.exists():
+            where = "it" if existing == path else repr(str(existing))
+            check(existing.is_dir(), field_name, f"must be a folder, and {where} is a file", str(path))
+            return
+
+
 def _check_keys(where: str, mapping: dict[str, Any], allowed: Sequence[str]) -> None:
     unknown = sorted(set(mapping) - set(allowed))
     check(not unknown, where, f"has unknown keys {unknown}; allowed keys are {', '.join(allowed)}", unknown)
+
+
+def _type_words(kind: Any) -> tuple[tuple[type, ...], str] | None:
+    """The Python types a YAML value of the field type ``kind`` may have, and how to say it; None: any."""
+    import types
+    import typing
+
+    if kind is bool:
+        return (bool,), "true or false"
+    if kind is int:
+        return (int,), "an integer"
+    if kind is float:  # YAML reads 1 as an int
+        return (int, float), "a number"
+    if kind is str:
+        return (str,), "a string"
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in typing.get_args(kind):
+        inner = [a for a in typing.get_args(kind) if a is not type(None)]
+        if len(inner) == 1 and (words := _type_words(inner[0])) is not None:
+            return (*words[0], type(None)), f"{words[1]} or null"
+    return None
+
+
+def _check_types(where: str, cls: type, values: Mapping[str, Any]) -> None:
+    """Each value must have its dataclass field's type: a bool is not taken for an int or a number,
+    nor a string for a bool (the configs compare values, and "no" is true)."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        expected = _type_words(hints[name])
+        if expected is None:
+            continue
+        kinds, words = expected
+        ok = isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
+        check(ok, f"{where}.{name}", f"must be {words} ({cls.__name__}.{name})", value)
 
 
 def summary_table(results: Results) -> str:

@@ -315,13 +315,16 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
-    from workbench.experiments import load_sweep, run_experiments, summary_table
+    from workbench.experiments import check_folder, load_sweep, run_experiments, summary_table
 
     prog = "workbench sweep"
     try:
         sweep = load_sweep(args.file)
         if args.jobs is not None and args.jobs < 1:
             raise ValueError(f"--jobs={args.jobs} is invalid: must be >= 1")
+        # before any training: a results folder that is a file would fail only once every run is done
+        check_folder("--out" if args.out else f"out (in {args.file})", args.out or sweep.out_dir)
+        check_folder("--cache" if args.cache else f"cache (in {args.file})", args.cache or sweep.cache_dir)
     except (ValueError, ImportError) as err:
         usage_error(prog, str(err))
     runs = sum(len(e.seeds or sweep.seeds) for e in sweep.experiments)
@@ -341,5 +344,10 @@ def _run_sweep(args: argparse.Namespace) -> int:
         usage_error(prog, str(err))
     print(summary_table(results))
     print(f"wrote {out}/runs.csv, evals.csv, steps.csv.gz, details.json.gz")
+    diverged = results.runs[results.runs["diverged"].notna()]
+    if len(diverged):  # recorded like the others; the exit status says so, as train's does
+        print(f"{prog}: {len(diverged)} of {len(results.runs)} runs diverged: "
+              + "; ".join(f"{r.name} seed {r.seed}: {r.diverged}" for r in diverged.itertuples()), file=sys.stderr)
+        return EXIT_DIVERGED
     return 0
 
