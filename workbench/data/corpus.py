@@ -165,6 +165,20 @@ def _read_text(path: Path) -> str | None:
     return text if text.strip() else None
 
 
+def _utf8_name(name: str) -> bool:
+    """A file name that is text: Python keeps undecodable bytes of a name as lone surrogates."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(path: Path) -> str:
+    """A path for a message, undecodable bytes as \\xNN (printing the raw name would fail)."""
+    return "'" + str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") + "'"
+
+
 def _documents_from_file(path: Path, domain: str, rel: str, max_doc_bytes: int | None) -> list[Document]:
     text = _read_text(path)
     if text is None:
@@ -195,6 +209,9 @@ def load_text_corpus(path: str | Path, *, max_doc_bytes: int | None = 8192) -> C
     if not root.exists():
         raise FileNotFoundError(f"data path {str(root)!r} does not exist: expected a text file or a folder "
                                 "whose subfolders are named after the domains")
+    if not root.is_file() and not root.is_dir():  # a FIFO, a socket, a device: reading one may block
+        raise ValueError(f"data={str(root)!r} is invalid: it is neither a regular file nor a folder (a FIFO, socket "
+                         "or device); give a text file or a folder of domain subfolders")
     if root.is_file():
         domain = root.stem
         docs = _documents_from_file(root, domain, root.name, max_doc_bytes)
@@ -206,8 +223,16 @@ def load_text_corpus(path: str | Path, *, max_doc_bytes: int | None = 8192) -> C
     domains: list[str] = []
     docs = []
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if not _utf8_name(sub.name):
+            warnings.warn(f"data folder {_shown(sub)} skipped: its name is not valid UTF-8 (a domain name must be "
+                          "text; rename it)", stacklevel=2)
+            continue
         files = sorted(f for f in sub.rglob("*")
                        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(sub).parts))
+        for f in [f for f in files if not _utf8_name(str(f.relative_to(sub)))]:
+            # the name becomes the document's id, which is hashed as UTF-8 for the split
+            warnings.warn(f"data file {_shown(f)} skipped: its name is not valid UTF-8 (rename it)", stacklevel=2)
+            files.remove(f)
         found = [d for f in files
                  for d in _documents_from_file(f, sub.name, f.relative_to(sub).as_posix(), max_doc_bytes)]
         if found:
