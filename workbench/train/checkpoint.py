@@ -10,17 +10,24 @@ crash (even SIGKILL) leaves either the previous checkpoint or the new one, never
 A write that fails (disk full, permission lost) removes its temporary file and raises
 ``CheckpointError``; older checkpoints are pruned only after the new one is in place.
 
-Loading checks a checkpoint against itself (every tensor has the shape its recorded
-``model_config`` gives, optimizer moments match their parameters) and, when the run directory
-has a ``run.json``, against the run (a checkpoint copied in from another run is refused).
+Every checkpoint records a SHA-256 of its tensors (``tensors_sha256`` in its metadata, so it is
+written atomically with them). Loading checks a checkpoint against that checksum (bytes changed
+on disk are caught before they change the run), against itself (every tensor has the shape its
+recorded ``model_config`` gives, optimizer moments match their parameters, both configs are
+valid) and, when the run directory has a ``run.json``, against the run (a checkpoint copied in
+from another run is refused). Checkpoints written before the checksum existed load unchecked.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import random
 import re
+import types
+import typing
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +68,21 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
         return []
     found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NAME.match(p.name))]
     return sorted(found)
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order.
+
+    Computed from the tensors (not the file) so that the digest can go in the file's own
+    metadata; loading recomputes it from what it read.
+    """
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -143,6 +165,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
         tensors[f"rng/cuda/{i}"] = s
     metadata = {
         "format": FORMAT,
+        "tensors_sha256": tensors_digest(tensors),
         "step": str(step),
         # batches are a pure function of (seed, batch index): this many have been consumed
         "data_position": str(step * train_config.get("grad_accum", 1)),
@@ -224,6 +247,10 @@ def load_checkpoint(path: Path, *, check_shapes: bool = True) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt): {err}") from err
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a {FORMAT} file (format={metadata.get('format')!r})")
+    recorded = metadata.get("tensors_sha256")  # absent in checkpoints written before it existed
+    if recorded is not None and tensors_digest(tensors) != recorded:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its tensors do not match the SHA-256 recorded "
+                              "when it was written (its bytes changed on disk)")
     try:
         rng: dict[str, Any] = {"torch": tensors.pop("rng/torch"),
                                "python": _python_rng(json.loads(metadata["rng_python"]))}
@@ -244,9 +271,56 @@ def load_checkpoint(path: Path, *, check_shapes: bool = True) -> Checkpoint:
         )
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} is incomplete: missing or bad entry {err}") from err
+    for section in ("model_config", "train_config"):
+        if (problem := config_problem(section, getattr(ckpt, section))) is not None:
+            raise CheckpointError(f"checkpoint {path} records an invalid {section}: {problem}")
     if check_shapes:
         _check_shapes(path, ckpt.model_config, model_state, optim_tensors)
     return ckpt
+
+
+def _type_problem(kind: Any, value: Any) -> str | None:
+    """What is wrong with ``value`` for a config field annotated ``kind`` (as JSON gives it back)."""
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(args) < len(typing.get_args(kind)):
+        return None if value is None else _type_problem(args[0], value)  # X | None
+    if kind is bool:
+        return None if isinstance(value, bool) else "must be true or false"
+    if kind is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "must be an integer"
+    if kind is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "must be a number"
+    if kind is str:
+        return None if isinstance(value, str) else "must be a string"
+    if typing.get_origin(kind) is tuple:
+        return None if isinstance(value, list) else "must be a list"
+    if dataclasses.is_dataclass(kind):
+        return None if isinstance(value, dict) else "must be an object of its fields"
+    return None
+
+
+def config_problem(section: str, value: Any) -> str | None:
+    """Why ``value`` is not a valid recorded ``model_config`` / ``train_config`` (a run file edited
+    by hand, a field of the wrong type), naming the field; None when it is valid."""
+    from workbench.config import ModelConfig, MoEConfig
+    from workbench.train.config import TrainConfig
+
+    cls = {"model_config": ModelConfig, "train_config": TrainConfig}[section]
+    if not isinstance(value, dict):
+        return f"{value!r} is not an object of {cls.__name__} fields"
+    checks: list[tuple[type, dict[str, Any], str]] = [(cls, value, "")]
+    if isinstance(value.get("moe"), dict) and cls is ModelConfig:
+        checks.append((MoEConfig, value["moe"], "moe."))
+    for kind, fields, prefix in checks:
+        hints = typing.get_type_hints(kind)
+        for name, v in fields.items():
+            if name in hints and (why := _type_problem(hints[name], v)) is not None:
+                return f"{prefix}{name}={v!r} is invalid: {why}"
+    try:
+        cls.from_dict(value)
+    except (ValueError, TypeError) as err:
+        return " ".join(str(err).split())
+    return None
 
 
 def expected_shapes(model_config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -338,6 +412,18 @@ def latest_usable_checkpoint(run_dir: Path, run: dict[str, Any] | None = None
             warnings.warn(f"{err}; " + (f"falling back to the previous checkpoint {older}" if older
                                         else "no older checkpoint is left to fall back to"), stacklevel=3)
     return None, skipped
+
+
+def last_good_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint in ``run_dir`` that loads and matches its checksum, or None: what a
+    message may call "the last good checkpoint" (never a corrupt or truncated file)."""
+    for _, path in reversed(list_checkpoints(run_dir)):
+        try:
+            load_checkpoint(path)
+        except CheckpointError:
+            continue
+        return path
+    return None
 
 
 def load_latest_checkpoint(run_dir: Path, run: dict[str, Any] | None = None) -> Checkpoint | None:

