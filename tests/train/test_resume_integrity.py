@@ -116,3 +116,16 @@ def test_resuming_a_corrupt_checkpoint_from_the_cli_is_one_line(run, capsys):
     named = [line for line in err.splitlines() if "ckpt-00000004" in line]
     assert len(named) == 1 and "is corrupt" in named[0] and "Traceback" not in err, err
     assert "resuming" in out and "from step 2" in out
+
+
+# --- item 8: a flag that contradicts the run is refused under --resume ----------------------------
+
+
+@pytest.mark.parametrize("flags", [["--preset", "small"], ["--preset", "tiny"], ["--balance", "loss_free"],
+                                   ["--dense"], ["--steps", "8"]])
+def test_a_flag_that_would_change_the_run_is_refused_on_resume(run, capsys, flags):
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    code, out, err = run_cli(capsys, "train", "--resume", "--run-dir", str(run), "--no-progress", *flags)
+    assert code == 2 and out == "", (code, out)
+    assert f"{flags[0]} cannot be given" in one_line(err)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing trained, nothing written

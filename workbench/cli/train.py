@@ -80,7 +80,7 @@ kept), 2 a bad value or any other fault (one line on stderr), 130 interrupted by
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a compact MoE LM", description=_TRAIN_DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", choices=list(PRESETS),
+    p.add_argument("--preset", default=None, choices=list(PRESETS),  # None: tiny, and --resume can tell
                    help=f"model preset; one of: {', '.join(PRESETS)} (default: tiny)")
     p.add_argument("--dense", action="store_true", help="the dense baseline: no MoE layer")
     p.add_argument("--balance", choices=list(BALANCE_RECIPES),
@@ -106,7 +106,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
     """Preset, then balance recipe, then explicit flags; validation errors propagate as ValueError."""
     moe_overrides = balance_recipe(args.balance) if args.balance else {}
     moe_overrides.update(given(args, MoEConfig))
-    model_cfg = preset(args.preset, **moe_overrides)
+    model_cfg = preset(args.preset or "tiny", **moe_overrides)
     model_cfg = ModelConfig(**{**dataclasses.asdict(model_cfg), "moe": None if args.dense else model_cfg.moe,
                                **given(args, ModelConfig)})
     train_cfg = TrainConfig(**given(args, TrainConfig))
@@ -169,11 +169,10 @@ def _train(args: argparse.Namespace, prog: str, parallel) -> int:
     os.environ.setdefault("WANDB_MODE", "offline")  # runs can be synced later with `wandb sync`
     try:
         if args.resume:
-            flags = {**given(args, ModelConfig), **given(args, MoEConfig), **given(args, TrainConfig)}
-            changed = [k for k in flags if k not in ("run_dir", "progress")]
-            if changed or args.dense or args.balance or args.overwrite:
-                usage_error(prog, "--resume continues a run exactly: only --run-dir, --no-progress and "
-                             "--expert-parallel may be given")
+            refused = _refused_on_resume(args)
+            if refused:
+                usage_error(prog, f"--resume continues a run exactly: {', '.join(refused)} cannot be given (the "
+                             f"run records its own); only {', '.join(_RESUME_FLAGS)} may be given")
             run_dir = vars(args).get("run_dir", TrainConfig().run_dir)
             trainer = trainer_cls.resume(run_dir, progress=vars(args).get("progress", True))
             if trainer.finished:
@@ -209,6 +208,19 @@ def _train(args: argparse.Namespace, prog: str, parallel) -> int:
     except OSError as err:
         usage_error(prog, f"training finished, but writing its summary failed: {err}")
     return 0
+
+
+# What --resume accepts: where the run is and how this process runs it, never what it computes.
+_RESUME_FLAGS = ("--run-dir", "--no-progress", "--expert-parallel")
+
+
+def _refused_on_resume(args: argparse.Namespace) -> list[str]:
+    """The flags given with --resume that would change the run (its model, data or training)."""
+    given_fields = {**given(args, ModelConfig), **given(args, MoEConfig), **given(args, TrainConfig)}
+    names = [k for k in given_fields if k not in ("run_dir", "progress")]
+    names += [k for k in ("preset", "balance") if getattr(args, k, None) is not None]
+    names += [k for k in ("dense", "overwrite") if getattr(args, k, False)]
+    return ["--" + name.replace("_", "-") for name in names]
 
 
 def _interrupted(trainer) -> str:
