@@ -1,11 +1,33 @@
-"""moe-workbench: a research workbench for Mixture-of-Experts language models."""
+"""moe-workbench: a research workbench for Mixture-of-Experts language models.
 
-from workbench.config import ModelConfig, MoEConfig, preset
-from workbench.model import ModelOutput, MoELM
-from workbench.moe import MoELayer, RoutingInfo, load_metrics, routing_metrics
+The names below are imported when first used (PEP 562), so ``import workbench.cli`` does not
+import torch: the ``workbench`` command can then take Ctrl-C during its slow start (torch, the
+subcommands) and end with one line instead of a ``KeyboardInterrupt`` traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
-__all__ = [
-    "MoEConfig", "MoELM", "MoELayer", "ModelConfig", "ModelOutput", "RoutingInfo", "load_metrics",
-    "preset", "routing_metrics",
-]
+
+_EXPORTS = {
+    "ModelConfig": "workbench.config", "MoEConfig": "workbench.config", "preset": "workbench.config",
+    "ModelOutput": "workbench.model", "MoELM": "workbench.model",
+    "MoELayer": "workbench.moe", "RoutingInfo": "workbench.moe", "load_metrics": "workbench.moe",
+    "routing_metrics": "workbench.moe",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # once imported, an ordinary attribute
+        return value
+    raise AttributeError(f"module 'workbench' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

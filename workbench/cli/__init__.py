@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from workbench.cli import bench, ms, train
 from workbench.cli.common import EXIT_INTERRUPTED, Parser, one_line_warnings
 
 __all__ = ["build_parser", "main"]
@@ -26,6 +25,9 @@ __all__ = ["build_parser", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every subcommand; each sets ``run``, the function that runs it."""
+    # imported here, not with this module: they import torch, the slow part of the start (see main)
+    from workbench.cli import bench, ms, train
+
     parser = Parser(prog="workbench", description="A research workbench for Mixture-of-Experts LMs.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     train.add_parsers(sub)
@@ -36,7 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()  # imports torch and the subcommands: a second or two
+    except KeyboardInterrupt:  # Ctrl-C while starting: one line, not the traceback of an import
+        print("workbench: interrupted while starting", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    args = parser.parse_args(argv)
     with one_line_warnings():
         try:
             return args.run(args)

@@ -147,12 +147,22 @@ def add_parsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
 # --- layer, train, expert-parallel --------------------------------------------------------------
 
 
+def torch_device(name: str):
+    import torch
+
+    return torch.device(name)
+
+
 def _run_layer(args: argparse.Namespace) -> int:
     from workbench.bench.layer import format_layer_bench, run_layer_bench
+    from workbench.resources import check_fits, layer_bench_bytes
     from workbench.runtime import tune_cpu_allocator
 
     try:
         cfg = LayerBenchConfig(**given(args, LayerBenchConfig))
+        # a lower bound, before any tensor: --tokens 2000000000 used to end in the allocator's traceback
+        check_fits("tokens", cfg.tokens, layer_bench_bytes(cfg), torch_device(cfg.device),
+                   f"timing {cfg.tokens:,} tokens x top_k={cfg.top_k} x expert_hidden={cfg.expert_hidden}")
     except ValueError as err:
         usage_error("workbench bench layer", str(err))
     if not args.no_allocator_tuning:

@@ -182,6 +182,12 @@ def _train(args: argparse.Namespace, prog: str, parallel) -> int:
             say(f"resuming {run_dir} from step {trainer.step} ({trainer.resumed_from.name})")
         else:
             model_cfg, train_cfg = configs_from_args(args)
+            from workbench.resources import check_training_fits
+            from workbench.train.trainer import resolve_device
+
+            # a lower bound, before any tensor: --vocab-size 100000000000 ended in the allocator's traceback
+            check_training_fits(model_cfg, train_cfg,
+                                parallel.device if parallel is not None else resolve_device(train_cfg.device))
             trainer = trainer_cls(model_cfg, train_cfg, overwrite=args.overwrite)
     except errors as err:
         usage_error(prog, str(err))
@@ -362,4 +368,3 @@ def _run_sweep(args: argparse.Namespace) -> int:
               + "; ".join(f"{r.name} seed {r.seed}: {r.diverged}" for r in diverged.itertuples()), file=sys.stderr)
         return EXIT_DIVERGED
     return 0
-
