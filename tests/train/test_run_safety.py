@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -132,7 +133,7 @@ def test_a_checkpoint_from_another_run_is_refused_naming_the_field(finished_run,
     for _, path in list_checkpoints(finished_run):  # only the foreign one left
         if path != planted:
             path.unlink()
-    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match=r"belongs to another run.*num_experts"):
+    with pytest.raises(CheckpointError, match=r"belongs to another run.*num_experts"):  # the one line: no warning
         Trainer.resume(finished_run)
 
 
@@ -140,10 +141,11 @@ def test_a_broken_only_checkpoint_does_not_claim_a_fallback(tmp_path, domain_fol
     make_trainer(tmp_path / "run", domain_folder, steps=2, checkpoint_every=2).fit()
     (_, only), = list_checkpoints(tmp_path / "run")
     only.write_bytes(only.read_bytes()[:100])
-    with pytest.warns(UserWarning, match="no older checkpoint is left") as record, \
+    with warnings.catch_warnings(record=True) as record, \
             pytest.raises(CheckpointError, match=rf"no readable checkpoint.*{only.name}"):
+        warnings.simplefilter("always")
         Trainer.resume(tmp_path / "run")
-    assert not any("falling back" in str(w.message) for w in record)
+    assert not record  # the error is the one line: no warning repeats it, none claims a fallback
 
 
 # --- the same wandb run after a resume ------------------------------------------------------

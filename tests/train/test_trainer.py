@@ -88,7 +88,7 @@ def test_truncated_checkpoint_is_named_and_resume_falls_back(tmp_path, domain_fo
 
     older.write_bytes(b"not a checkpoint")
     newest.unlink()
-    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="no readable checkpoint"):
+    with pytest.raises(CheckpointError, match="no readable checkpoint"):  # one error, no warning repeating it
         Trainer.resume(tmp_path / "run")
 
 

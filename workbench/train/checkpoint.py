@@ -397,7 +397,11 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def latest_usable_checkpoint(run_dir: Path, run: dict[str, Any] | None = None
                              ) -> tuple[Checkpoint | None, list[str]]:
     """The newest checkpoint that loads and, when ``run`` (``run.json``) is given, belongs to that
-    run; plus one line for each newer checkpoint that was skipped and why."""
+    run; plus one line for each newer checkpoint that was skipped and why.
+
+    When one is found, each skipped one is warned about (one line: the file, why, the fallback).
+    When none is, nothing is warned: the caller reports ``skipped`` as its one error.
+    """
     skipped: list[str] = []
     candidates = list(reversed(list_checkpoints(run_dir)))
     for i, (_, path) in enumerate(candidates):
@@ -405,12 +409,12 @@ def latest_usable_checkpoint(run_dir: Path, run: dict[str, Any] | None = None
             ckpt = load_checkpoint(path)
             if run is not None and (diff := config_difference(ckpt, run)) is not None:
                 raise CheckpointError(f"checkpoint {path} belongs to another run: {diff}")
-            return ckpt, skipped
         except CheckpointError as err:
-            older = candidates[i + 1][1].name if i + 1 < len(candidates) else None
-            skipped.append(str(err))
-            warnings.warn(f"{err}; " + (f"falling back to the previous checkpoint {older}" if older
-                                        else "no older checkpoint is left to fall back to"), stacklevel=3)
+            skipped.append(f"{err}")
+            continue
+        for why, older in zip(skipped, candidates[1:i + 1], strict=True):
+            warnings.warn(f"{why}; falling back to the previous checkpoint {older[1].name}", stacklevel=3)
+        return ckpt, skipped
     return None, skipped
 
 
@@ -428,5 +432,8 @@ def last_good_checkpoint(run_dir: Path) -> Path | None:
 
 def load_latest_checkpoint(run_dir: Path, run: dict[str, Any] | None = None) -> Checkpoint | None:
     """The newest usable checkpoint (see ``latest_usable_checkpoint``); unusable newer ones are
-    skipped with a warning that names the file and why."""
-    return latest_usable_checkpoint(run_dir, run)[0]
+    skipped with a warning that names the file and why, and None comes with one saying why."""
+    ckpt, skipped = latest_usable_checkpoint(run_dir, run)
+    if ckpt is None and skipped:
+        warnings.warn(f"no usable checkpoint in {run_dir}: {'; '.join(skipped)}", stacklevel=2)
+    return ckpt

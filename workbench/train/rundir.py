@@ -123,3 +123,32 @@ def clear_run(run_dir: Path) -> None:
         (run_dir / name).unlink(missing_ok=True)
     if (run_dir / "wandb").is_dir():
         shutil.rmtree(run_dir / "wandb")
+
+
+# run.json's fields besides the configs, and what each must be (JSON types): a hand-edited file
+# is refused naming the field, rather than failing deep inside a resume or ``show``.
+_RUN_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "status": ((str,), "a string"), "message": ((str, type(None)), "a string or null"),
+    "step": ((int,), "an integer >= 0"), "wandb_run_id": ((str, type(None)), "a string or null"),
+    "pid": ((int, type(None)), "an integer or null"), "host": ((str, type(None)), "a string or null"),
+    "started": ((str, type(None)), "a string or null"), "updated": ((str, type(None)), "a string or null"),
+    "last_checkpoint": ((str, type(None)), "a string or null"),
+}
+
+
+def check_run_info(run_dir: Path, info: dict[str, Any]) -> None:
+    """``ValueError`` naming ``run.json`` and the field when ``info`` (as ``read_run_info`` gave it)
+    is not what a run writes: configs that do not load, a status that is not a string..."""
+    from workbench.train.checkpoint import config_problem
+
+    path = Path(run_dir) / RUN_FILE
+    for section in ("model_config", "train_config"):
+        if (problem := config_problem(section, info.get(section))) is not None:
+            raise ValueError(f"{path} is invalid: its {section} is not one a run writes: {problem}")
+    for name, (types_, what) in _RUN_FIELDS.items():
+        if name not in info:
+            continue
+        value = info[name]
+        ok = isinstance(value, types_) and not isinstance(value, bool) and not (name == "step" and value < 0)
+        if not ok:
+            raise ValueError(f"{path} is invalid: {name}={value!r}, must be {what}")

@@ -16,12 +16,13 @@ import json
 import os
 import socket
 import statistics
+import warnings
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 from workbench.train.checkpoint import FORMAT, CheckpointError, list_checkpoints, load_checkpoint
-from workbench.train.rundir import RUN_FILE, json_safe
+from workbench.train.rundir import RUN_FILE, RUN_FORMAT, check_run_info, json_safe
 
 TAIL = 10  # balance is the mean over the last TAIL logged steps
 SKIP = 3  # throughput leaves out the first SKIP logged steps (warm-up)
@@ -35,14 +36,24 @@ def _read_json(path: Path) -> Any:
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Every row of ``metrics.jsonl``: a JSON object with an integer step. Other lines (one cut short
+    by a kill, one edited by hand) are left out, with one warning naming them."""
     if not path.is_file():
         return []
-    rows = []
-    for line in path.read_text().splitlines():
+    rows, bad = [], []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a kill
-            break
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and type(row.get("step", 0)) is int:
+            rows.append(row)
+        elif line.strip():
+            bad.append(number)
+    if bad:
+        listed = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        warnings.warn(f"{path}: line{'s' if len(bad) > 1 else ''} {listed} {'are' if len(bad) > 1 else 'is'} "
+                      "not a metrics row (a JSON object with an integer step); left out", stacklevel=2)
     return rows
 
 
@@ -96,6 +107,8 @@ def describe_run(run_dir: str | Path) -> dict[str, Any]:
                          ("it is a file, not a run folder" if run_dir.exists() else "no such folder"))
     run = _read_json(run_dir / RUN_FILE)
     run = run if isinstance(run, dict) else None
+    if run is not None and run.get("format") == RUN_FORMAT:  # hand-edited: one line naming the field
+        check_run_info(run_dir, run)
     ckpts = list_checkpoints(run_dir)
     header = None
     for _, path in reversed(ckpts):

@@ -43,7 +43,14 @@ from workbench.train.checkpoint import (
 )
 from workbench.train.config import DEVICES, TrainConfig
 from workbench.train.loggers import JsonlLogger, WandbLogger
-from workbench.train.rundir import check_run_dir, clear_run, new_run_info, read_run_info, update_run_info
+from workbench.train.rundir import (
+    check_run_dir,
+    check_run_info,
+    clear_run,
+    new_run_info,
+    read_run_info,
+    update_run_info,
+)
 
 
 class TrainingDiverged(RuntimeError):
@@ -227,6 +234,8 @@ class Trainer:
         if run_dir.exists() and not run_dir.is_dir():
             raise ValueError(f"run_dir={str(run_dir)!r} is invalid: it is an existing file, not a run folder")
         run_info = read_run_info(run_dir)
+        if run_info is not None:  # hand-edited: one line naming run.json and the field
+            check_run_info(run_dir, run_info)
         ckpt, skipped = latest_usable_checkpoint(run_dir, run_info)
         if ckpt is None:
             why = f": {'; '.join(skipped)}" if skipped else ""
