@@ -196,3 +196,80 @@ def test_edited_checkpoint_metadata_is_one_line_naming_the_checkpoint(run, capsy
     (run / "run.json").unlink()  # show then reads the configs from the checkpoints themselves
     code, out, err = run_cli(capsys, "show", str(run))
     assert code == 0 and "last checkpoint: none" in out and "Traceback" not in err, (out, err)
+
+
+# --- item 6: run.json records a fingerprint of the data; a resume on other data is refused ---------
+
+
+@pytest.fixture
+def own_data_run(base, tmp_path) -> tuple[Path, Path]:
+    """A 2-step run on its own copy of the data, stopped after step 1: (run folder, data folder)."""
+    data = shutil.copytree(base / "corpus", tmp_path / "corpus")
+    Trainer(MICRO_MODEL, micro_config(tmp_path / "run", data, steps=2, checkpoint_every=1, eval_every=2)).fit()
+    (tmp_path / "run" / "ckpt-00000002.safetensors").unlink()
+    return tmp_path / "run", data
+
+
+def test_the_data_fingerprint_is_in_run_json(own_data_run):
+    run, data = own_data_run
+    fingerprint = json.loads((run / "run.json").read_text())["data_fingerprint"]
+    assert fingerprint["source"] == "files" and fingerprint["path"] == str(data)
+    import hashlib
+
+    doc = data / "words" / "doc0.txt"
+    assert fingerprint["files"]["words/doc0.txt"] == {"bytes": doc.stat().st_size,
+                                                      "sha256": hashlib.sha256(doc.read_bytes()).hexdigest()}
+
+
+def test_a_resume_on_edited_data_is_refused_unless_accepted(own_data_run, capsys, no_summary):
+    run, data = own_data_run
+    doc = data / "words" / "doc0.txt"
+    doc.write_text(doc.read_text().replace("alpha", "omega"))
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    with pytest.raises(ValueError, match=r"is not the data this run trained on .*file 'words/doc0.txt' was \d+ "
+                                         r"bytes \(sha256 \w+\), now \d+ bytes"):
+        Trainer.resume(run)
+    code, out, err = run_cli(capsys, "train", "--resume", "--no-progress", "--run-dir", str(run))
+    line = one_line(err)
+    assert code == 2 and "words/doc0.txt" in line and "--accept-data-change" in line, line
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # refused: nothing written
+
+    code, out, err = run_cli(capsys, "train", "--resume", "--no-progress", "--accept-data-change",
+                             "--run-dir", str(run))
+    named = [line for line in err.splitlines() if "words/doc0.txt" in line]
+    assert code == 0 and len(named) == 1 and "recorded in run.json" in named[0], err
+    info = json.loads((run / "run.json").read_text())
+    (change,) = info["data_changes"]
+    assert change["step"] == 1 and "words/doc0.txt" in change["change"]
+    assert info["data_fingerprint"]["files"]["words/doc0.txt"]["bytes"] == doc.stat().st_size
+    assert info["status"] == "finished"
+
+
+def test_accept_data_change_is_for_resume_only(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "train", "--accept-data-change", "--run-dir", str(tmp_path / "r"))
+    assert code == 2 and "--accept-data-change is for --resume" in one_line(err)
+
+
+def test_a_run_from_before_fingerprints_resumes_and_gets_one(run):
+    edit_run_json(run, lambda i: i.pop("data_fingerprint"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer = Trainer.resume(run)
+    assert trainer.run_info["data_fingerprint"] == trainer.data_fingerprint
+
+
+def test_the_builtin_corpus_is_fingerprinted_per_domain():
+    from workbench.data import Corpus, Document
+    from workbench.data.fingerprint import corpus_fingerprint, fingerprint_difference
+
+    def corpus(text, python="3.11.4"):
+        return Corpus(["code", "math"], [Document("code/a", "code", text, "a"), Document("math/0", "math", "1+1", "m")],
+                      metadata={"python": python, "unicode": "15.0.0", "max_bytes_per_domain": 100})
+
+    old = corpus_fingerprint(corpus("x = 1"), builtin=True)
+    assert set(old["domains"]) == {"code", "math"} and old["source"] == "built-in"
+    assert fingerprint_difference(old, corpus_fingerprint(corpus("x = 1"), builtin=True)) is None
+    why = fingerprint_difference(old, corpus_fingerprint(corpus("x = 2", python="3.12.1"), builtin=True))
+    assert why.startswith("built-in domain 'code' was 5 bytes") and "python 3.11.4 -> 3.12.1" in why
+    files = corpus_fingerprint(corpus("x = 1"), builtin=False)
+    assert "the run trained on the built-in corpus, this is the files of" in fingerprint_difference(old, files)

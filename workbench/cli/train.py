@@ -88,6 +88,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         + ", ".join(BALANCE_RECIPES))
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir exactly (a finished run is left as it is)")
+    p.add_argument("--accept-data-change", action="store_true",
+                   help="with --resume: go on although the data differs from what the run trained on (its "
+                        "fingerprint in run.json); the change is recorded there")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run in --run-dir; it is deleted only once the new run has been checked")
     p.add_argument("--expert-parallel", type=int, default=None, metavar="P",
@@ -104,6 +107,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     """Preset, then balance recipe, then explicit flags; validation errors propagate as ValueError."""
+    if getattr(args, "accept_data_change", False):
+        raise ValueError("--accept-data-change is for --resume: a new run records the data it starts on")
     moe_overrides = balance_recipe(args.balance) if args.balance else {}
     moe_overrides.update(given(args, MoEConfig))
     model_cfg = preset(args.preset or "tiny", **moe_overrides)
@@ -174,7 +179,8 @@ def _train(args: argparse.Namespace, prog: str, parallel) -> int:
                 usage_error(prog, f"--resume continues a run exactly: {', '.join(refused)} cannot be given (the "
                              f"run records its own); only {', '.join(_RESUME_FLAGS)} may be given")
             run_dir = vars(args).get("run_dir", TrainConfig().run_dir)
-            trainer = trainer_cls.resume(run_dir, progress=vars(args).get("progress", True))
+            trainer = trainer_cls.resume(run_dir, progress=vars(args).get("progress", True),
+                                         accept_data_change=args.accept_data_change)
             if trainer.finished:
                 say(f"{run_dir} is finished: step {trainer.step} of {trainer.cfg.steps}, nothing to do and "
                     f"nothing changed (see it with: workbench show {run_dir})")
@@ -217,7 +223,7 @@ def _train(args: argparse.Namespace, prog: str, parallel) -> int:
 
 
 # What --resume accepts: where the run is and how this process runs it, never what it computes.
-_RESUME_FLAGS = ("--run-dir", "--no-progress", "--expert-parallel")
+_RESUME_FLAGS = ("--run-dir", "--no-progress", "--expert-parallel", "--accept-data-change")
 
 
 def _refused_on_resume(args: argparse.Namespace) -> list[str]:

@@ -133,6 +133,7 @@ _RUN_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "pid": ((int, type(None)), "an integer or null"), "host": ((str, type(None)), "a string or null"),
     "started": ((str, type(None)), "a string or null"), "updated": ((str, type(None)), "a string or null"),
     "last_checkpoint": ((str, type(None)), "a string or null"),
+    "data_fingerprint": ((dict, type(None)), "an object or null"), "data_changes": ((list,), "a list"),
 }
 
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from workbench.config import ModelConfig
+from workbench.data.fingerprint import fingerprint_difference
 from workbench.model import MoELM
 from workbench.moe import step_routing_metrics
 from workbench.runtime import tune_cpu_allocator
@@ -44,6 +45,7 @@ from workbench.train.checkpoint import (
 from workbench.train.config import DEVICES, TrainConfig
 from workbench.train.loggers import JsonlLogger, WandbLogger
 from workbench.train.rundir import (
+    RUN_FILE,
     check_run_dir,
     check_run_info,
     clear_run,
@@ -94,6 +96,16 @@ def resolve_device(name: str) -> torch.device:
     elif device.type != "cpu":
         raise ValueError(f"device={name!r} is invalid: allowed values are {', '.join(DEVICES)}")
     return device
+
+
+def data_fingerprint(cfg: TrainConfig, data: Any) -> dict[str, Any] | None:
+    """The fingerprint of the text ``data`` holds (``workbench.data.fingerprint``); None for data
+    that is not built from a ``Corpus`` (then a resume cannot check it)."""
+    from workbench.data import Corpus
+    from workbench.data.fingerprint import corpus_fingerprint
+
+    corpus = getattr(data, "corpus", None)
+    return corpus_fingerprint(corpus, builtin=cfg.data is None) if isinstance(corpus, Corpus) else None
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -189,6 +201,8 @@ class Trainer:
         if data_vocab is not None and model_cfg.vocab_size < data_vocab:
             raise ValueError(f"vocab_size={model_cfg.vocab_size} is invalid: the data's tokenizer produces ids up "
                              f"to {data_vocab - 1}, so it must be >= {data_vocab}")
+        # what the run trains on: recorded in run.json, so that a resume on other data is refused
+        self.data_fingerprint = data_fingerprint(cfg, self.data)
         torch.manual_seed(cfg.seed)
         self.model = MoELM(model_cfg).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg)
@@ -221,8 +235,13 @@ class Trainer:
     # --- construction from a checkpoint -----------------------------------------------------
 
     @classmethod
-    def resume(cls, run_dir: str | Path, data: Any = None, **overrides: Any) -> Trainer:
+    def resume(cls, run_dir: str | Path, data: Any = None, *, accept_data_change: bool = False,
+               **overrides: Any) -> Trainer:
         """Continue the run in ``run_dir`` from its newest readable checkpoint, exactly.
+
+        The data must be what the run started on (``run.json`` records its fingerprint), else
+        ``ValueError`` says which file changed; ``accept_data_change=True`` goes on with the new
+        data and records the change in ``run.json`` (``data_changes``).
 
         Only settings that do not change the computation may be overridden (``progress``).
         """
@@ -254,7 +273,31 @@ class Trainer:
         trainer.history = trainer.metrics_log.truncate_after(ckpt.step)
         trainer.resumed_from = ckpt.path
         trainer.run_info = run_info
+        if not trainer.finished:  # a finished run trains nothing: its data does not matter
+            trainer._check_same_data(accept_data_change)
         return trainer
+
+    def _check_same_data(self, accept_change: bool) -> None:
+        """The data is the run's (``run.json``'s fingerprint), or ``accept_change`` records the change."""
+        recorded = None if self.run_info is None else self.run_info.get("data_fingerprint")
+        if self.run_info is None or self.data_fingerprint is None:
+            return
+        if not isinstance(recorded, dict):  # a run from before fingerprints: checked from now on
+            self.run_info["data_fingerprint"] = self.data_fingerprint
+            return
+        if (why := fingerprint_difference(recorded, self.data_fingerprint)) is None:
+            return
+        what = f"data={self.cfg.data!r}" if self.cfg.data is not None else "the built-in corpus"
+        if not accept_change:
+            raise ValueError(f"{what} is not the data this run trained on ({self.run_dir / RUN_FILE} records its "
+                             f"fingerprint): {why}; resume on that data, or go on with this data with "
+                             "--accept-data-change (Trainer.resume(..., accept_data_change=True)), recorded in "
+                             f"{RUN_FILE}")
+        self.run_info.setdefault("data_changes", []).append(
+            {"step": self.step, "change": why, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        self.run_info["data_fingerprint"] = self.data_fingerprint
+        warnings.warn(f"{what} changed since the run started ({why}); going on from step {self.step} with it, "
+                      f"as --accept-data-change asks (recorded in {RUN_FILE})", stacklevel=3)
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -371,6 +414,7 @@ class Trainer:
         check_run_dir(self.run_dir)
         if self.run_info is None:
             self.run_info = new_run_info(self.model_cfg.to_dict(), cfg.to_dict())
+            self.run_info["data_fingerprint"] = self.data_fingerprint
         self._wandb = WandbLogger(cfg.wandb_project, self.run_dir,
                                   {"model": self.model_cfg.to_dict(), "train": cfg.to_dict()},
                                   resume_id=self.run_info.get("wandb_run_id"))
