@@ -5,7 +5,8 @@
 Every fault is one line on stderr, never a traceback: a bad flag or config value, unusable
 data, a device this torch cannot use, a run directory that cannot be written, a checkpoint
 that cannot be written or read. Exit status: 0 done, 1 training diverged (or parity failed),
-2 any other fault, 130 interrupted (Ctrl-C).
+2 any other fault, 130 interrupted (Ctrl-C); ``train`` also ends on SIGTERM (143) and SIGHUP
+(129) as on Ctrl-C. A closed stdout (``workbench show RUN | head -1``) is a normal end.
 
 The package: ``common`` (``fail``, ``write_json``, the flags generated from config dataclasses),
 one module per family of subcommands (``train``: train, show, sweep; ``bench``; ``ms``: parity,
@@ -18,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from workbench.cli.common import EXIT_INTERRUPTED, Parser, one_line_warnings
+from workbench.cli.common import EXIT_INTERRUPTED, Parser, one_line_warnings, stdout_closed, stdout_gone
 
 __all__ = ["build_parser", "main"]
 
@@ -46,7 +47,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with one_line_warnings():
         try:
-            return args.run(args)
-        except KeyboardInterrupt:  # Ctrl-C outside training (building the corpus, a benchmark)
-            print(f"workbench {args.command}: interrupted", file=sys.stderr)
-            return EXIT_INTERRUPTED
+            status = args.run(args)
+        except KeyboardInterrupt as err:  # Ctrl-C (or SIGTERM, SIGHUP in train) outside training
+            by = getattr(err, "signal_name", None)
+            print(f"workbench {args.command}: interrupted" + (f" by {by}" if by else ""), file=sys.stderr)
+            return getattr(err, "exit_status", EXIT_INTERRUPTED)
+        except BrokenPipeError:
+            if not stdout_gone():  # another pipe (a worker's): not ours to call normal
+                raise
+            stdout_closed()  # `workbench show RUN | head -1`: the reader has what it wanted
+            return 0
+        try:
+            sys.stdout.flush()  # a closed pipe shows here rather than in the interpreter's flush at exit
+        except BrokenPipeError:
+            stdout_closed()
+        return status

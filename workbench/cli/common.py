@@ -12,8 +12,11 @@ import argparse
 import contextlib
 import dataclasses
 import inspect
+import io
 import json
+import os
 import re
+import select
 import sys
 import types
 import typing
@@ -55,6 +58,34 @@ def one_line_warnings():
         warnings.showwarning = lambda message, *args, **kwargs: print(
             f"workbench: warning: {one_line(message)}", file=sys.stderr)
         yield
+
+
+def stdout_gone() -> bool:
+    """stdout is a pipe whose reader has gone (``workbench show RUN | head -1``)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):  # no fd (captured), no poll
+        return False
+
+
+def stdout_closed() -> None:
+    """stdout's reader has gone: send what is still to be printed to /dev/null, so neither a later
+    print nor the interpreter's flush at exit fails. A closed pipe is a normal end, not an error."""
+    with contextlib.suppress(AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def say(*args: Any, **kwargs: Any) -> None:
+    """``print`` for a command whose work goes on when stdout's reader goes away
+    (``workbench train ... | head -1`` still trains and writes its summary)."""
+    try:
+        print(*args, **kwargs)
+    except BrokenPipeError:
+        stdout_closed()
 
 
 def write_json(path: Path | None, data: Any) -> None:

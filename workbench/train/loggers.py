@@ -17,41 +17,83 @@ from workbench.train.rundir import json_safe
 
 
 class JsonlLogger:
-    """Appends one JSON object per line; flushed at once so a killed run keeps its log."""
+    """Appends one JSON object per line; flushed at once so a killed run keeps its log.
+
+    Reading keeps every line that holds a JSON object and skips the others (a line cut short by a
+    kill, an edited one). Rewriting (``truncate_after``, on resume) never loses a line silently: the
+    lines it cannot read go to ``<name>.unreadable`` first, and each dropped line is warned about.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
+    @property
+    def unreadable_path(self) -> Path:
+        """Where ``truncate_after`` sets aside the lines it cannot read."""
+        return self.path.with_name(self.path.name + ".unreadable")
+
     def log(self, row: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(json_safe(row), allow_nan=False) + "\n")  # JSON has no NaN: null instead
 
-    def read(self) -> list[dict[str, Any]]:
+    def _scan(self) -> tuple[list[str], list[tuple[int, str, dict[str, Any] | None]]]:
+        """The file's lines (with their line endings) and, for each, (line number, text, row or None)."""
         if not self.path.exists():
-            return []
-        rows = []
-        for line in self.path.read_text().splitlines():
+            return [], []
+        with open(self.path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+            lines = f.read().splitlines(keepends=True)
+        parsed = []
+        for number, line in enumerate(lines, start=1):
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short by a kill
-                break
-        return rows
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            readable = isinstance(row, dict) and type(row.get("step", 0)) is int  # a row's step orders it
+            parsed.append((number, line, row if readable else None))
+        return lines, parsed
+
+    def read(self) -> list[dict[str, Any]]:
+        """Every row the file holds; lines that are not a JSON object (with an integer step) are skipped."""
+        return [row for _, _, row in self._scan()[1] if row is not None]
 
     def truncate_after(self, step: int) -> list[dict[str, Any]]:
-        """Drop rows logged after ``step`` (a resumed run redoes them) and a line cut short by a
-        kill; returns the rows kept. The file is rewritten only when something is dropped."""
-        if not self.path.exists():
-            return []
-        lines = self.path.read_text().splitlines(keepends=True)
-        rows = self.read()
-        kept = [r for r in rows if r.get("step", 0) <= step]
-        if len(kept) == len(rows) == len(lines) and all(line.endswith("\n") for line in lines):
-            return kept
+        """Keep the rows up to ``step`` (a resumed run redoes the later ones) and return them.
+
+        The file is rewritten (atomically) only when something is dropped, and nothing goes
+        without a warning naming it: lines that cannot be read (cut short by a kill, edited) are
+        appended to ``unreadable_path`` before the rewrite; rows after ``step`` are named by step.
+        """
+        lines, parsed = self._scan()
+        kept = [(line, row) for _, line, row in parsed if row is not None and row.get("step", 0) <= step]
+        bad = [(number, line) for number, line, row in parsed if row is None]
+        later = [row.get("step") for _, _, row in parsed if row is not None and row.get("step", 0) > step]
+        if len(kept) == len(lines) and all(line.endswith("\n") for line in lines):
+            return [row for _, row in kept]
+        if bad:
+            with open(self.unreadable_path, "a", encoding="utf-8", errors="surrogateescape", newline="") as f:
+                f.write("".join(line if line.endswith("\n") else line + "\n" for _, line in bad))
+                f.flush()
+                os.fsync(f.fileno())
+            numbers = ", ".join(str(n) for n, _ in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            warnings.warn(f"{self.path}: line{'s' if len(bad) > 1 else ''} {numbers} cannot be read (not a JSON "
+                          f"object: cut short by a kill, or edited); set aside in {self.unreadable_path}, every "
+                          "other row is kept", stacklevel=2)
+        if later:
+            which = f"steps {later[0]} to {later[-1]}" if len(later) > 1 else f"step {later[0]}"
+            warnings.warn(f"{self.path}: {len(later)} row{'s' if len(later) > 1 else ''} logged after step {step} "
+                          f"({which}) dropped: the run resumes from its checkpoint at step {step} and logs "
+                          f"{'those steps' if len(later) > 1 else 'that step'} again", stacklevel=2)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
-        os.replace(tmp, self.path)
-        return kept
+        try:
+            with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
+                f.write("".join(line if line.endswith("\n") else line + "\n" for line, _ in kept))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return [row for _, row in kept]
 
 
 class WandbLogger:
@@ -78,6 +120,13 @@ class WandbLogger:
     @property
     def run_id(self) -> str | None:
         return None if self.run is None else self.run.id
+
+    @property
+    def folders(self) -> list[Path]:
+        """The folder wandb writes this run's files to (``wandb/offline-run-<time>-<id>``), for the
+        run's manifest; none when tracking is off."""
+        folder = getattr(self.run, "dir", None)  # <folder>/files
+        return [Path(folder).parent] if isinstance(folder, str) and folder else []
 
     def log(self, row: dict[str, Any], step: int) -> None:
         if self.run is None:

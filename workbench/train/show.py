@@ -118,6 +118,11 @@ def describe_run(run_dir: str | Path) -> dict[str, Any]:
     summary = _read_json(run_dir / "summary.json")
     summary = summary if isinstance(summary, dict) else None
     if run is None and header is None and not rows:
+        if ckpts:  # checkpoint files, none of them readable: not "no checkpoint"
+            names = ", ".join(p.name for _, p in ckpts)
+            raise ValueError(f"run_dir={str(run_dir)!r} holds no readable checkpoint: {names} "
+                             f"{'is' if len(ckpts) == 1 else 'are'} unreadable (truncated, or not a workbench "
+                             f"checkpoint), and there is no {RUN_FILE} or metrics.jsonl")
         raise ValueError(f"run_dir={str(run_dir)!r} is invalid: it holds no {RUN_FILE}, checkpoint or "
                          "metrics.jsonl (is it the folder given to workbench train --run-dir?)")
 
