@@ -60,7 +60,7 @@ def fake_wandb(monkeypatch):
     def init(dir, id=None, **kwargs):
         run_id = id or f"id{len(started)}"
         started.append(run_id)
-        folder = Path(dir) / "wandb" / f"offline-run-2026-{run_id}"
+        folder = Path(dir) / "wandb" / f"offline-run-2026-{run_id}"  # as relative as dir is
         (folder / "files").mkdir(parents=True, exist_ok=True)
         latest = Path(dir) / "wandb" / "latest-run"
         latest.unlink(missing_ok=True)
@@ -125,8 +125,9 @@ def test_a_run_without_checkpoints_keeps_its_files_without_overwrite(tmp_path, d
         make_trainer(folder, domain_folder)
 
 
-def test_overwrite_deletes_what_the_run_wrote_and_nothing_else(tmp_path, domain_folder, fake_wandb):
-    folder = tmp_path / "run"
+def test_overwrite_deletes_what_the_run_wrote_and_nothing_else(tmp_path, domain_folder, fake_wandb, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = Path("run")  # relative, as wandb then reports its folder
     make_trainer(folder, domain_folder).fit()
     ours = folder / "wandb" / "offline-run-2026-id0"
     assert ours.is_dir()

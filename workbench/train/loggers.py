@@ -125,8 +125,8 @@ class WandbLogger:
     def folders(self) -> list[Path]:
         """The folder wandb writes this run's files to (``wandb/offline-run-<time>-<id>``), for the
         run's manifest; none when tracking is off."""
-        folder = getattr(self.run, "dir", None)  # <folder>/files
-        return [Path(folder).parent] if isinstance(folder, str) and folder else []
+        folder = getattr(self.run, "dir", None)  # <folder>/files, relative to the working directory or absolute
+        return [Path(os.path.abspath(folder)).parent] if isinstance(folder, str) and folder else []
 
     def log(self, row: dict[str, Any], step: int) -> None:
         if self.run is None:
