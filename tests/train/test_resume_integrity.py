@@ -273,3 +273,65 @@ def test_the_builtin_corpus_is_fingerprinted_per_domain():
     assert why.startswith("built-in domain 'code' was 5 bytes") and "python 3.11.4 -> 3.12.1" in why
     files = corpus_fingerprint(corpus("x = 1"), builtin=False)
     assert "the run trained on the built-in corpus, this is the files of" in fingerprint_difference(old, files)
+
+
+# --- item 15: the advice a resume gives can be followed ------------------------------------------
+
+
+def test_a_run_recorded_on_cuda_resumes_here_with_device(run, capsys, no_summary):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA, where a run recorded with device=cuda cannot go on as it is")
+    edit_run_json(run, lambda i: i["train_config"].update(device="cuda"))
+    for _, ckpt in ((2, run / "ckpt-00000002.safetensors"), (4, run / "ckpt-00000004.safetensors")):
+        edit_metadata(ckpt, lambda m: m.update(train_config=json.dumps({**json.loads(m["train_config"]),
+                                                                       "device": "cuda"})))
+    code, out, err = run_cli(capsys, "train", "--resume", "--no-progress", "--run-dir", str(run))
+    line = one_line(err)
+    assert code == 2 and "usable here: auto, cpu" in line and "resume it here with --device" in line, line
+
+    code, out, err = run_cli(capsys, "train", "--resume", "--no-progress", "--device", "cpu", "--run-dir", str(run))
+    assert code == 0 and "resuming" in out and "from step 4" in out, err
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "finished" and info["train_config"]["device"] == "cpu"
+    # checkpoints of either device belong to the run (run.json now says cpu, ckpt-4 cuda)
+    assert Trainer.resume(run).step == 6
+    (run / "ckpt-00000006.safetensors").unlink()
+    assert Trainer.resume(run, device="cpu").step == 4
+
+
+def test_a_resume_on_more_ranks_than_grad_accum_is_told_what_works(run, monkeypatch):
+    """Told "e.g. --grad-accum 2", which --resume refuses: the run keeps its grad_accum."""
+    import torch
+
+    import workbench.parallel.trainer as ep
+    from workbench.parallel.context import ParallelConfig, ParallelContext
+
+    ctx = ParallelContext(config=ParallelConfig(world_size=2), rank=0, local_rank=0, device=torch.device("cpu"),
+                          backend="gloo", ep_group=None, expert_dp_group=None)
+    monkeypatch.setattr(ep, "current_context", lambda: ctx)
+
+    def agree(ctx, error):  # one rank, no process group: its own error is what every rank would raise
+        if error is not None:
+            raise error
+
+    monkeypatch.setattr(ep, "agree", agree)
+    with pytest.raises(ValueError, match=r"grad_accum=1 is invalid: must be a multiple of the 2 ranks") as info:
+        ep.ExpertParallelTrainer.resume(run)
+    assert "--grad-accum" not in str(info.value)
+    assert "which --resume keeps" in str(info.value) and "in one process" in str(info.value)
+    advice = ep.grad_accum_advice(4, 8, 2, resume=True)
+    assert "on 2 or 4 ranks" in advice and "--expert-parallel 2" in advice
+    assert ep.grad_accum_advice(1, 2, 1, resume=False).endswith("e.g. --grad-accum 2")
+
+
+def test_a_relative_data_path_is_recorded_absolute(base, tmp_path, monkeypatch):
+    shutil.copytree(base / "corpus", tmp_path / "corpus")
+    monkeypatch.chdir(tmp_path)
+    Trainer(MICRO_MODEL, micro_config("run", "corpus", steps=1, checkpoint_every=1, eval_every=1)).fit()
+    recorded = json.loads((tmp_path / "run" / "run.json").read_text())["train_config"]["data"]
+    assert recorded == str(tmp_path / "corpus")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # a resume from another folder reads the same files
+    assert Trainer.resume(tmp_path / "run").cfg.data == str(tmp_path / "corpus")

@@ -27,7 +27,6 @@ from workbench.cli.common import (
     one_line,
     usage_error,
 )
-from workbench.cli.common import say as say_on_stdout
 from workbench.config import PRESETS, ModelConfig, MoEConfig, preset
 from workbench.train.config import BALANCE_RECIPES, TrainConfig, balance_recipe
 
@@ -75,8 +74,7 @@ micro-batches out over the N ranks (--grad-accum a multiple of N; data parallel 
 copies of the experts). Checkpoints keep the one-process layout: any number of ranks resumes them.
 
 Exit status: 0 done (or already finished), 1 training diverged (the last good checkpoint is
-kept), 2 a bad value or any other fault (one line on stderr), 130 interrupted by Ctrl-C,
-143 by SIGTERM and 129 by SIGHUP (each as Ctrl-C: one line naming the last checkpoint)."""
+kept), 2 a bad value or any other fault (one line on stderr), 130 interrupted by Ctrl-C."""
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -94,8 +92,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="with --resume: go on although the data differs from what the run trained on (its "
                         "fingerprint in run.json); the change is recorded there")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace the run in --run-dir: only the files it wrote are deleted, once the new run "
-                        "has been checked; a folder holding other files but no run is refused")
+                   help="replace the run in --run-dir; it is deleted only once the new run has been checked")
     p.add_argument("--expert-parallel", type=int, default=None, metavar="P",
                    help="under torchrun: split each MoE layer's experts over P ranks (P divides num_experts and "
                         "the number of ranks; the rest is data parallelism); default 1, data parallel only")
@@ -139,24 +136,18 @@ def _parallel_launch(args: argparse.Namespace):
         return None
     from workbench.parallel import init_parallel
 
-    if args.resume:  # the device the run recorded
+    if args.resume and "device" not in vars(args):  # the device the run recorded
         from workbench.train.rundir import read_run_info
 
         info = read_run_info(Path(vars(args).get("run_dir", TrainConfig().run_dir))) or {}
-        device = info.get("train_config", {}).get("device", TrainConfig().device)
+        recorded = info.get("train_config")
+        device = recorded.get("device", TrainConfig().device) if isinstance(recorded, dict) else TrainConfig().device
     else:
         device = vars(args).get("device", TrainConfig().device)
     return init_parallel(expert_parallel=P or 1, device=device)
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from workbench.train.trainer import stop_on_signals
-
-    with stop_on_signals():  # SIGTERM and SIGHUP end the run as Ctrl-C does
-        return _run_train_here(args)
-
-
-def _run_train_here(args: argparse.Namespace) -> int:
     prog = "workbench train"
     try:
         parallel = _parallel_launch(args)
@@ -174,15 +165,13 @@ def _run_train_here(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, prog: str, parallel) -> int:
     from workbench.train import CheckpointError, Trainer, TrainingDiverged
-    from workbench.train.rundir import RunDirBusy
 
     trainer_cls, errors = Trainer, (ValueError, OSError, CheckpointError)
     if parallel is not None:
         from workbench.parallel.trainer import ExpertParallelTrainer, PeerFailed
 
         trainer_cls, errors = ExpertParallelTrainer, (*errors, PeerFailed)
-    # rank 0 speaks for the run; a closed stdout (| head -1) stops the printing, not the training
-    say = say_on_stdout if parallel is None or parallel.is_main else (lambda *a, **k: None)
+    say = print if parallel is None or parallel.is_main else (lambda *a, **k: None)  # rank 0 speaks for the run
     os.environ.setdefault("WANDB_MODE", "offline")  # runs can be synced later with `wandb sync`
     try:
         if args.resume:
@@ -191,7 +180,9 @@ def _train(args: argparse.Namespace, prog: str, parallel) -> int:
                 usage_error(prog, f"--resume continues a run exactly: {', '.join(refused)} cannot be given (the "
                              f"run records its own); only {', '.join(_RESUME_FLAGS)} may be given")
             run_dir = vars(args).get("run_dir", TrainConfig().run_dir)
-            trainer = trainer_cls.resume(run_dir, progress=vars(args).get("progress", True),
+            # the device may change: a run recorded on a GPU goes on here (the function is the same)
+            device = {"device": args.device} if "device" in vars(args) else {}
+            trainer = trainer_cls.resume(run_dir, progress=vars(args).get("progress", True), **device,
                                          accept_data_change=args.accept_data_change)
             if trainer.finished:
                 say(f"{run_dir} is finished: step {trainer.step} of {trainer.cfg.steps}, nothing to do and "
@@ -220,43 +211,38 @@ def _train(args: argparse.Namespace, prog: str, parallel) -> int:
     except TrainingDiverged as err:
         print(f"{prog}: {one_line(err)}", file=sys.stderr)
         return EXIT_DIVERGED
-    except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM, SIGHUP
-        print(f"{prog}: {_interrupted(trainer, err)}", file=sys.stderr)
-        return getattr(err, "exit_status", EXIT_INTERRUPTED)
-    except RunDirBusy as err:  # another trainer took the folder since this one was built
-        usage_error(prog, str(err))
+    except KeyboardInterrupt:
+        print(f"{prog}: {_interrupted(trainer)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except errors as err:  # a full disk, a run dir that went away...
         usage_error(prog, f"{err}; training stopped at step {trainer.step}")
     if parallel is not None and not parallel.is_main:
         return 0
     try:
-        text = summarize(trainer)
+        print(summarize(trainer))
     except OSError as err:
         usage_error(prog, f"training finished, but writing its summary failed: {err}")
-    say(text)
     return 0
 
 
 # What --resume accepts: where the run is and how this process runs it, never what it computes.
-_RESUME_FLAGS = ("--run-dir", "--no-progress", "--expert-parallel", "--accept-data-change")
+_RESUME_FLAGS = ("--run-dir", "--device", "--no-progress", "--expert-parallel", "--accept-data-change")
 
 
 def _refused_on_resume(args: argparse.Namespace) -> list[str]:
     """The flags given with --resume that would change the run (its model, data or training)."""
     given_fields = {**given(args, ModelConfig), **given(args, MoEConfig), **given(args, TrainConfig)}
-    names = [k for k in given_fields if k not in ("run_dir", "progress")]
+    names = [k for k in given_fields if k not in ("run_dir", "progress", "device")]
     names += [k for k in ("preset", "balance") if getattr(args, k, None) is not None]
     names += [k for k in ("dense", "overwrite") if getattr(args, k, False)]
     return ["--" + name.replace("_", "-") for name in names]
 
 
-def _interrupted(trainer, err: BaseException | None = None) -> str:
-    by = getattr(err, "signal_name", None)
-    stopped = f"interrupted by {by}" if by else "interrupted"
+def _interrupted(trainer) -> str:
     last = trainer.last_checkpoint()
     if last is None:
-        return f"{stopped} at step {trainer.step}, before the first checkpoint: nothing to resume"
-    return (f"{stopped} at step {trainer.step}; the last checkpoint is {last} "
+        return f"interrupted at step {trainer.step}, before the first checkpoint: nothing to resume"
+    return (f"interrupted at step {trainer.step}; the last checkpoint is {last} "
             f"(continue with: workbench train --resume --run-dir {trainer.run_dir})")
 
 
@@ -267,7 +253,7 @@ def summarize(trainer) -> str:
     ``null`` in ``summary.json`` and ``n/a`` with the reason in the text, never 0 or NaN.
     """
     from workbench.bench.peak import measure_matmul_peak
-    from workbench.train.rundir import add_outputs, update_run_info, write_json_atomic
+    from workbench.train.rundir import write_json_atomic
 
     history, ev, cfg = trainer.history, trainer.last_eval, trainer.model_cfg
     lines = [f"run dir: {trainer.run_dir}"]
@@ -310,9 +296,6 @@ def summarize(trainer) -> str:
     except ImportError as err:
         lines.append(f"report skipped: {err}")
     write_json_atomic(trainer.run_dir / "summary.json", summary)
-    if getattr(trainer, "run_info", None) is not None:  # the run's manifest: what --overwrite deletes
-        add_outputs(trainer.run_dir, trainer.run_info, "summary.json", "report.png")
-        update_run_info(trainer.run_dir, trainer.run_info)
     return "\n".join(lines)
 
 

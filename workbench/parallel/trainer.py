@@ -81,6 +81,21 @@ def agree(ctx: ParallelContext, error: BaseException | None) -> None:
         raise PeerFailed("another rank failed while setting up (its error is printed above); this rank stops too")
 
 
+def grad_accum_advice(grad_accum: int, world_size: int, expert_parallel: int, *, resume: bool) -> str:
+    """Why ``grad_accum`` does not fit ``world_size`` ranks, and what to do: a new run can take another
+    ``--grad-accum``; a resume keeps the run's, so it is told which numbers of ranks fit it."""
+    why = (f"must be a multiple of the {world_size} ranks: each rank takes grad_accum / {world_size} of the "
+           f"step's micro-batches (the global batch is grad_accum x batch_size sequences, as in one process)")
+    if not resume:
+        return f"{why}; e.g. --grad-accum {world_size}"
+    fits = [n for n in range(2, grad_accum + 1) if grad_accum % n == 0 and n % expert_parallel == 0]
+    ranks = (f"on {' or '.join(map(str, fits))} ranks (torchrun --nproc-per-node N ... --expert-parallel "
+             f"{expert_parallel}), or " if fits else "")
+    return (f"{why}; the run records grad_accum={grad_accum}, which --resume keeps (it sets the global batch): "
+            f"resume it {ranks}in one process (workbench train --resume, without torchrun): checkpoints "
+            "resume on any number of ranks")
+
+
 class ExpertParallelTrainer(Trainer):
     """``Trainer`` for one rank of a parallel launch (module docstring); the same arguments and API.
 
@@ -95,9 +110,7 @@ class ExpertParallelTrainer(Trainer):
         try:
             ctx.config.check_model(model_cfg.moe)
             check(cfg.grad_accum % ctx.world_size == 0, "grad_accum",
-                  f"must be a multiple of the {ctx.world_size} ranks: each rank takes grad_accum / "
-                  f"{ctx.world_size} of the step's micro-batches (the global batch is grad_accum x batch_size "
-                  f"sequences, as in one process); e.g. --grad-accum {ctx.world_size}", cfg.grad_accum)
+                  grad_accum_advice(cfg.grad_accum, ctx.world_size, ctx.ep_size, resume=_resume), cfg.grad_accum)
             # Only rank 0 checks, clears and writes the run directory; the others build the same trainer
             # and touch nothing there (a resumed trainer is built without writing).
             super().__init__(model_cfg, cfg, data, overwrite=overwrite and ctx.is_main,

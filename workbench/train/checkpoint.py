@@ -367,8 +367,9 @@ def _check_shapes(path: Path, model_config: dict[str, Any], model_state: dict[st
                                   f"its parameter has {want[name]}")
 
 
-# Settings that may differ between a run's checkpoints: where the run lives and how it shows progress.
-_PER_PROCESS = ("run_dir", "progress")
+# Settings that may differ between a run's checkpoints: where the run lives, how it shows progress,
+# and the device it runs on (a resume may move it: Trainer.resume(device=...)).
+_PER_PROCESS = ("run_dir", "progress", "device")
 
 
 def config_difference(ckpt: Checkpoint, run: dict[str, Any]) -> str | None:
