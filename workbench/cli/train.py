@@ -27,6 +27,7 @@ from workbench.cli.common import (
     one_line,
     usage_error,
 )
+from workbench.cli.common import say as say_on_stdout
 from workbench.config import PRESETS, ModelConfig, MoEConfig, preset
 from workbench.train.config import BALANCE_RECIPES, TrainConfig, balance_recipe
 
@@ -74,7 +75,8 @@ micro-batches out over the N ranks (--grad-accum a multiple of N; data parallel 
 copies of the experts). Checkpoints keep the one-process layout: any number of ranks resumes them.
 
 Exit status: 0 done (or already finished), 1 training diverged (the last good checkpoint is
-kept), 2 a bad value or any other fault (one line on stderr), 130 interrupted by Ctrl-C."""
+kept), 2 a bad value or any other fault (one line on stderr), 130 interrupted by Ctrl-C,
+143 by SIGTERM and 129 by SIGHUP (each as Ctrl-C: one line naming the last checkpoint)."""
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -92,7 +94,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="with --resume: go on although the data differs from what the run trained on (its "
                         "fingerprint in run.json); the change is recorded there")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace the run in --run-dir; it is deleted only once the new run has been checked")
+                   help="replace the run in --run-dir: only the files it wrote are deleted, once the new run "
+                        "has been checked; a folder holding other files but no run is refused")
     p.add_argument("--expert-parallel", type=int, default=None, metavar="P",
                    help="under torchrun: split each MoE layer's experts over P ranks (P divides num_experts and "
                         "the number of ranks; the rest is data parallelism); default 1, data parallel only")
@@ -148,6 +151,13 @@ def _parallel_launch(args: argparse.Namespace):
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from workbench.train.trainer import stop_on_signals
+
+    with stop_on_signals():  # SIGTERM and SIGHUP end the run as Ctrl-C does
+        return _run_train_here(args)
+
+
+def _run_train_here(args: argparse.Namespace) -> int:
     prog = "workbench train"
     try:
         parallel = _parallel_launch(args)
@@ -165,13 +175,15 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, prog: str, parallel) -> int:
     from workbench.train import CheckpointError, Trainer, TrainingDiverged
+    from workbench.train.rundir import RunDirBusy
 
     trainer_cls, errors = Trainer, (ValueError, OSError, CheckpointError)
     if parallel is not None:
         from workbench.parallel.trainer import ExpertParallelTrainer, PeerFailed
 
         trainer_cls, errors = ExpertParallelTrainer, (*errors, PeerFailed)
-    say = print if parallel is None or parallel.is_main else (lambda *a, **k: None)  # rank 0 speaks for the run
+    # rank 0 speaks for the run; a closed stdout (| head -1) stops the printing, not the training
+    say = say_on_stdout if parallel is None or parallel.is_main else (lambda *a, **k: None)
     os.environ.setdefault("WANDB_MODE", "offline")  # runs can be synced later with `wandb sync`
     try:
         if args.resume:
@@ -211,17 +223,20 @@ def _train(args: argparse.Namespace, prog: str, parallel) -> int:
     except TrainingDiverged as err:
         print(f"{prog}: {one_line(err)}", file=sys.stderr)
         return EXIT_DIVERGED
-    except KeyboardInterrupt:
-        print(f"{prog}: {_interrupted(trainer)}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM, SIGHUP
+        print(f"{prog}: {_interrupted(trainer, err)}", file=sys.stderr)
+        return getattr(err, "exit_status", EXIT_INTERRUPTED)
+    except RunDirBusy as err:  # another trainer took the folder since this one was built
+        usage_error(prog, str(err))
     except errors as err:  # a full disk, a run dir that went away...
         usage_error(prog, f"{err}; training stopped at step {trainer.step}")
     if parallel is not None and not parallel.is_main:
         return 0
     try:
-        print(summarize(trainer))
+        text = summarize(trainer)
     except OSError as err:
         usage_error(prog, f"training finished, but writing its summary failed: {err}")
+    say(text)
     return 0
 
 
@@ -238,11 +253,13 @@ def _refused_on_resume(args: argparse.Namespace) -> list[str]:
     return ["--" + name.replace("_", "-") for name in names]
 
 
-def _interrupted(trainer) -> str:
+def _interrupted(trainer, err: BaseException | None = None) -> str:
+    by = getattr(err, "signal_name", None)
+    stopped = f"interrupted by {by}" if by else "interrupted"
     last = trainer.last_checkpoint()
     if last is None:
-        return f"interrupted at step {trainer.step}, before the first checkpoint: nothing to resume"
-    return (f"interrupted at step {trainer.step}; the last checkpoint is {last} "
+        return f"{stopped} at step {trainer.step}, before the first checkpoint: nothing to resume"
+    return (f"{stopped} at step {trainer.step}; the last checkpoint is {last} "
             f"(continue with: workbench train --resume --run-dir {trainer.run_dir})")
 
 
@@ -253,7 +270,7 @@ def summarize(trainer) -> str:
     ``null`` in ``summary.json`` and ``n/a`` with the reason in the text, never 0 or NaN.
     """
     from workbench.bench.peak import measure_matmul_peak
-    from workbench.train.rundir import write_json_atomic
+    from workbench.train.rundir import add_outputs, update_run_info, write_json_atomic
 
     history, ev, cfg = trainer.history, trainer.last_eval, trainer.model_cfg
     lines = [f"run dir: {trainer.run_dir}"]
@@ -296,6 +313,9 @@ def summarize(trainer) -> str:
     except ImportError as err:
         lines.append(f"report skipped: {err}")
     write_json_atomic(trainer.run_dir / "summary.json", summary)
+    if getattr(trainer, "run_info", None) is not None:  # the run's manifest: what --overwrite deletes
+        add_outputs(trainer.run_dir, trainer.run_info, "summary.json", "report.png")
+        update_run_info(trainer.run_dir, trainer.run_info)
     return "\n".join(lines)
 
 

@@ -10,7 +10,9 @@ the per-step counters (global-batch aux loss) are reset there (``MoELM.finish_op
 
 Everything that can be checked is checked when the trainer is built, before the run directory
 is touched: the configs, the device, the data (and that the vocabulary covers it), and that
-the run directory can be written. ``overwrite=True`` replaces an old run only after all that.
+the run directory can be written. ``overwrite=True`` replaces an old run only after all that,
+and deletes only what that run wrote (``rundir.clear_run``). ``fit()`` holds the run directory's
+lock (``rundir.RunLock``) while it trains, so a second trainer there is refused.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import socket
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -46,7 +50,12 @@ from workbench.train.config import DEVICES, TrainConfig
 from workbench.train.loggers import JsonlLogger, WandbLogger
 from workbench.train.rundir import (
     RUN_FILE,
+    RunLock,
+    add_outputs,
+    check_new_run_dir,
+    check_not_locked,
     check_run_dir,
+    check_run_dir_name,
     check_run_info,
     clear_run,
     new_run_info,
@@ -57,6 +66,39 @@ from workbench.train.rundir import (
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm became NaN or infinite."""
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived (``stop_on_signals``): the run ends as Ctrl-C ends it, its status
+    recorded; ``exit_status`` is 128 + the signal's number, what a shell reports for that signal."""
+
+    def __init__(self, signum: int):
+        self.signal_name = signal.Signals(signum).name
+        self.exit_status = 128 + signum
+        super().__init__(f"stopped by {self.signal_name}")
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """While inside, SIGTERM and SIGHUP raise ``Stopped`` (a ``KeyboardInterrupt``), so ``kill``, a
+    closed terminal or a job scheduler ends a run the way Ctrl-C does: the checkpoint being written
+    is finished or removed, ``run.json`` says how it ended. A signal the process was started ignoring
+    (``nohup``) stays ignored. Only the main thread can set handlers; elsewhere this does nothing."""
+    signums = [s for name in ("SIGTERM", "SIGHUP") if (s := getattr(signal, name, None)) is not None]
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    # a signal this process was started ignoring stays ignored (nohup: SIGHUP must not stop the run)
+    previous = {s: signal.signal(s, stop) for s in signums if signal.getsignal(s) is not signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -178,8 +220,9 @@ class EvalResult:
 class Trainer:
     """Trains ``MoELM(model_cfg)`` as ``cfg`` says; see the module docstring.
 
-    ``overwrite=True`` replaces a run that already has checkpoints in ``cfg.run_dir``, once
-    everything else has been checked; without it such a directory is refused.
+    ``overwrite=True`` replaces the run in ``cfg.run_dir``, once everything else has been checked;
+    without it a folder holding a run's checkpoints or files is refused, and with it a folder
+    holding other files but no run. A folder another process trains in is refused either way.
     """
 
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, data: Any = None, *, overwrite: bool = False,
@@ -188,10 +231,11 @@ class Trainer:
             cfg = replace(cfg, data=os.path.abspath(os.path.expanduser(cfg.data)))
         self.model_cfg, self.cfg = model_cfg, cfg
         self.run_dir = Path(cfg.run_dir)
-        if not _resume and not overwrite and list_checkpoints(self.run_dir):
-            raise ValueError(f"run_dir={str(self.run_dir)!r} already holds checkpoints: resume it "
-                             "(--resume / Trainer.resume), replace it (--overwrite / overwrite=True) "
-                             "or choose another run_dir")
+        check_run_dir_name(cfg.run_dir)
+        if self._writes_run_dir:
+            check_not_locked(self.run_dir)
+        if not _resume:
+            check_new_run_dir(self.run_dir, overwrite)
         self.device = resolve_device(cfg.device)
         if self.device.type == "cpu":
             tune_cpu_allocator()
@@ -211,19 +255,25 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         if not _resume:  # a resumed run is checked when fit() starts: a finished one is never touched
             check_run_dir(self.run_dir)
-        # Everything is checked: only now may an old run be replaced.
+        # Everything is checked: only now may an old run be replaced (under the lock: not while it trains).
         if overwrite and not _resume:
-            clear_run(self.run_dir)
+            with RunLock(self.run_dir):
+                clear_run(self.run_dir)
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.last_eval: EvalResult | None = None
         self.metrics_log = JsonlLogger(self.run_dir / "metrics.jsonl")
-        if not _resume:
-            self.metrics_log.path.unlink(missing_ok=True)
         self.run_info: dict[str, Any] | None = None  # run.json: read on resume, written when fit() starts
         self.resumed_from: Path | None = None
         self._wandb: WandbLogger | None = None
         self._step_times: list[float] = []
+
+    @property
+    def _writes_run_dir(self) -> bool:
+        """This process writes the run directory: always, but on the ranks other than 0 of an
+        expert-parallel run (``ExpertParallelTrainer`` sets ``parallel`` before building this)."""
+        parallel = getattr(self, "parallel", None)
+        return parallel is None or parallel.is_main
 
     @property
     def finished(self) -> bool:
@@ -252,6 +302,7 @@ class Trainer:
         if set(overrides) - allowed:
             raise ValueError(f"cannot override {sorted(set(overrides) - allowed)} when resuming; "
                              f"allowed: {sorted(allowed)}")
+        check_run_dir_name(run_dir)
         run_dir = Path(run_dir)
         if run_dir.exists() and not run_dir.is_dir():
             raise ValueError(f"run_dir={str(run_dir)!r} is invalid: it is an existing file, not a run folder")
@@ -279,7 +330,8 @@ class Trainer:
             raise CheckpointError(f"checkpoint {ckpt.path} does not fit the model it records: {first}") from err
         restore_rng_state(ckpt.rng_state)
         trainer.step = ckpt.step
-        trainer.history = trainer.metrics_log.truncate_after(ckpt.step)
+        # read only: fit() trims the file to the checkpoint's step, under the run's lock
+        trainer.history = [r for r in trainer.metrics_log.read() if r.get("step", 0) <= ckpt.step]
         trainer.resumed_from = ckpt.path
         trainer.run_info = run_info
         if run_info is not None and "device" in overrides:  # where the run goes on, as show reports it
@@ -423,12 +475,16 @@ class Trainer:
         if self.finished:  # a finished run: nothing to train, and nothing of it is rewritten
             return self.history
         check_run_dir(self.run_dir)
+        lock = RunLock(self.run_dir).acquire()  # released in the finally below, or when dropped
+        self.history = self.metrics_log.truncate_after(self.step)  # a resumed run redoes later steps
         if self.run_info is None:
             self.run_info = new_run_info(self.model_cfg.to_dict(), cfg.to_dict())
             self.run_info["data_fingerprint"] = self.data_fingerprint
         self._wandb = WandbLogger(cfg.wandb_project, self.run_dir,
                                   {"model": self.model_cfg.to_dict(), "train": cfg.to_dict()},
                                   resume_id=self.run_info.get("wandb_run_id"))
+        add_outputs(self.run_dir, self.run_info, RUN_FILE, self.metrics_log.path.name,
+                    self.metrics_log.unreadable_path.name, *self._wandb.folders)
         update_run_info(self.run_dir, self.run_info, status="running", message=None, step=self.step,
                         wandb_run_id=self._wandb.run_id or self.run_info.get("wandb_run_id"),
                         pid=os.getpid(), host=socket.gethostname())
@@ -461,8 +517,9 @@ class Trainer:
         except TrainingDiverged as err:
             outcome = ("diverged", str(err))
             raise
-        except KeyboardInterrupt:
-            outcome = ("interrupted", f"stopped by Ctrl-C (KeyboardInterrupt) at step {self.step}")
+        except KeyboardInterrupt as err:  # Ctrl-C, or a signal stop_on_signals turned into Stopped
+            by = getattr(err, "signal_name", None) or "Ctrl-C (KeyboardInterrupt)"
+            outcome = ("interrupted", f"stopped by {by} at step {self.step}")
             raise
         except Exception as err:
             outcome = ("failed", f"{type(err).__name__}: {err}")
@@ -473,6 +530,7 @@ class Trainer:
             self._wandb.finish()
             update_run_info(self.run_dir, self.run_info, status=outcome[0], message=outcome[1], step=self.step,
                             last_checkpoint=(ck.name if (ck := self.last_checkpoint()) else None))
+            lock.release()
         return self.history
 
     def save(self) -> Path:
