@@ -107,7 +107,7 @@ def test_a_checkpoint_without_a_checksum_still_loads_silently(run):
         assert Trainer.resume(run).step == 4
 
 
-def test_resuming_a_corrupt_checkpoint_from_the_cli_is_one_line(run, capsys):
+def test_resuming_a_corrupt_checkpoint_from_the_cli_is_one_line(run, capsys, no_summary):
     corrupt(run / "ckpt-00000004.safetensors")
     code, out, err = run_cli(capsys, "train", "--resume", "--run-dir", str(run), "--no-progress")
     assert code == 0, err
