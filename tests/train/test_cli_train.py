@@ -33,7 +33,7 @@ def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("args, needle", [
     (["--router", "telepathy"], "router='telepathy' is invalid: allowed values are softmax_topk"),
-    (["--lr", "-0.1"], "lr=-0.1 is invalid: must be > 0"),
+    (["--lr", "-0.1"], "lr=-0.1 is invalid: must be a finite number > 0"),
     (["--data", "/no/such/corpus"], "data='/no/such/corpus' is invalid: the path does not exist"),
     (["--top-k", "9"], "top_k=9 is invalid: must be between 1 and num_experts=8"),
     (["--steps", "ten"], "argument --steps: invalid int value: 'ten'"),
