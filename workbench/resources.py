@@ -83,10 +83,11 @@ def training_bytes(model_cfg: Any, train_cfg: Any) -> int:
     return 16 * model_cfg.num_params() + 8 * logits
 
 
-def check_training_fits(model_cfg: Any, train_cfg: Any, device: torch.device) -> None:
+def check_training_fits(model_cfg: Any, train_cfg: Any, device: torch.device, shares: int = 1) -> None:
     """Refuse a model and batch that cannot fit on ``device``, naming the largest of the fields that
-    size them (the vocabulary, the width, the depth, the experts, the batch)."""
-    needed = training_bytes(model_cfg, train_cfg)
+    size them (the vocabulary, the width, the depth, the experts, the batch). ``shares``: the devices
+    the run is spread over (a parallel launch), each holding at least its share."""
+    needed = -(-training_bytes(model_cfg, train_cfg) // shares)
     limit = memory_limit(device)
     if limit is None or needed <= limit[0]:
         return
@@ -97,8 +98,9 @@ def check_training_fits(model_cfg: Any, train_cfg: Any, device: torch.device) ->
         sizes.update(num_experts=model_cfg.moe.num_experts, expert_hidden=model_cfg.moe.expert_hidden)
     largest = max(sizes, key=sizes.__getitem__)
     shown = ", ".join(f"{k}={v:,}" for k, v in sizes.items() if k != largest)
+    over = f" over {shares} devices" if shares > 1 else ""
     check_fits(largest, sizes[largest], needed, device,
-               f"training this model ({model_cfg.num_params():,} parameters; {shown})")
+               f"training this model{over} ({model_cfg.num_params():,} parameters; {shown})")
 
 
 def layer_bench_bytes(cfg: Any) -> int:

@@ -16,11 +16,13 @@ import dataclasses
 import json
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
 from workbench.cli.common import (
     EXIT_DIVERGED,
+    EXIT_FAULT,
     EXIT_INTERRUPTED,
     add_config_flags,
     given,
@@ -99,6 +101,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--expert-parallel", type=int, default=None, metavar="P",
                    help="under torchrun: split each MoE layer's experts over P ranks (P divides num_experts and "
                         "the number of ranks; the rest is data parallelism); default 1, data parallel only")
+    p.add_argument("--collective-timeout", type=float, default=None, metavar="SECONDS",
+                   help="under torchrun: how long a collective waits for the other ranks before the run stops, "
+                        "naming the rank that did not answer (default: 300)")
     base = preset("tiny")
     # one group per config; ModelConfig.moe is the MoEConfig group
     for cls, defaults, title in ((ModelConfig, base, "model (ModelConfig)"),
@@ -147,7 +152,10 @@ def _parallel_launch(args: argparse.Namespace):
         device = recorded.get("device", TrainConfig().device) if isinstance(recorded, dict) else TrainConfig().device
     else:
         device = vars(args).get("device", TrainConfig().device)
-    return init_parallel(expert_parallel=P or 1, device=device)
+    timeout = args.collective_timeout
+    if timeout is not None and not (0 < timeout < float("inf")):
+        raise ValueError(f"--collective-timeout={timeout} is invalid: must be a number of seconds > 0")
+    return init_parallel(expert_parallel=P or 1, device=device, timeout=timeout)
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -157,23 +165,65 @@ def _run_train(args: argparse.Namespace) -> int:
         return _run_train_here(args)
 
 
+def _launch_rank() -> int:
+    """This process's rank in a torchrun launch (0 outside one), known before any process group."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
+def _checked_flags(args: argparse.Namespace):
+    """What the flags alone can refuse, checked before any process group starts: the configs (and
+    whether they fit in memory) of a new run, or the flags --resume refuses. Returns the configs."""
+    if args.resume:
+        refused = _refused_on_resume(args)
+        if refused:
+            raise ValueError(f"--resume continues a run exactly: {', '.join(refused)} cannot be given (the run "
+                             f"records its own); only {', '.join(_RESUME_FLAGS)} may be given")
+        return None
+    from workbench.resources import check_training_fits
+    from workbench.train.trainer import resolve_device
+
+    model_cfg, train_cfg = configs_from_args(args)
+    # a lower bound, before any tensor: --vocab-size 100000000000 ended in the allocator's traceback;
+    # the ranks of a node share its memory (CPU), or each holds at least its share (a GPU each)
+    device = resolve_device(train_cfg.device)
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    check_training_fits(model_cfg, train_cfg, device, shares=max(1, world // local if device.type == "cpu" else world))
+    return model_cfg, train_cfg
+
+
 def _run_train_here(args: argparse.Namespace) -> int:
     prog = "workbench train"
+    try:
+        configs = _checked_flags(args)
+    except ValueError as err:
+        if _launch_rank() > 0:  # under torchrun every rank refuses the same flags: rank 0 says so
+            raise SystemExit(EXIT_FAULT) from None
+        usage_error(prog, str(err))
     try:
         parallel = _parallel_launch(args)
     except (ValueError, RuntimeError) as err:
         usage_error(prog, str(err))
     if parallel is None:
-        return _train(args, prog, None)
+        return _train(args, prog, None, configs)
     from workbench.parallel import shutdown
 
     try:
-        return _train(args, prog if parallel.is_main else f"{prog} [rank {parallel.rank}]", parallel)
+        return _train(args, prog if parallel.is_main else f"{prog} [rank {parallel.rank}]", parallel, configs)
     finally:
         shutdown()
 
 
-def _train(args: argparse.Namespace, prog: str, parallel) -> int:
+def _fault(prog: str, parallel, err: BaseException, message: str) -> typing.NoReturn:
+    """The one line of a fault and exit status 2; on a rank other than 0, nothing when the fault is
+    another rank's (``PeerFailed``: rank 0 has said what stopped the run, or the failing rank has)."""
+    from workbench.parallel.trainer import PeerFailed
+
+    if parallel is not None and not parallel.is_main and isinstance(err, PeerFailed):
+        raise SystemExit(EXIT_FAULT)
+    usage_error(prog, message)
+
+
+def _train(args: argparse.Namespace, prog: str, parallel, configs=None) -> int:
     from workbench.train import CheckpointError, Trainer, TrainingDiverged
     from workbench.train.rundir import RunDirBusy
 
@@ -202,16 +252,10 @@ def _train(args: argparse.Namespace, prog: str, parallel) -> int:
                 return 0
             say(f"resuming {run_dir} from step {trainer.step} ({trainer.resumed_from.name})")
         else:
-            model_cfg, train_cfg = configs_from_args(args)
-            from workbench.resources import check_training_fits
-            from workbench.train.trainer import resolve_device
-
-            # a lower bound, before any tensor: --vocab-size 100000000000 ended in the allocator's traceback
-            check_training_fits(model_cfg, train_cfg,
-                                parallel.device if parallel is not None else resolve_device(train_cfg.device))
+            model_cfg, train_cfg = configs or _checked_flags(args)
             trainer = trainer_cls(model_cfg, train_cfg, overwrite=args.overwrite)
     except errors as err:
-        usage_error(prog, str(err))
+        _fault(prog, parallel, err, str(err))
 
     say(f"model: {trainer.model_cfg.num_params():,} parameters, {trainer.model_cfg.num_active_params():,} active "
         f"per token; data: {', '.join(trainer.data.domains)}; run dir: {trainer.run_dir}", flush=True)
@@ -228,8 +272,8 @@ def _train(args: argparse.Namespace, prog: str, parallel) -> int:
         return getattr(err, "exit_status", EXIT_INTERRUPTED)
     except RunDirBusy as err:  # another trainer took the folder since this one was built
         usage_error(prog, str(err))
-    except errors as err:  # a full disk, a run dir that went away...
-        usage_error(prog, f"{err}; training stopped at step {trainer.step}")
+    except errors as err:  # a full disk, a run dir that went away, a rank that did not answer...
+        _fault(prog, parallel, err, f"{err}; training stopped at step {trainer.step}")
     if parallel is not None and not parallel.is_main:
         return 0
     try:
@@ -241,7 +285,8 @@ def _train(args: argparse.Namespace, prog: str, parallel) -> int:
 
 
 # What --resume accepts: where the run is and how this process runs it, never what it computes.
-_RESUME_FLAGS = ("--run-dir", "--device", "--no-progress", "--expert-parallel", "--accept-data-change")
+_RESUME_FLAGS = ("--run-dir", "--device", "--no-progress", "--expert-parallel", "--collective-timeout",
+                 "--accept-data-change")
 
 
 def _refused_on_resume(args: argparse.Namespace) -> list[str]:
@@ -397,3 +442,4 @@ def _run_sweep(args: argparse.Namespace) -> int:
               + "; ".join(f"{r.name} seed {r.seed}: {r.diverged}" for r in diverged.itertuples()), file=sys.stderr)
         return EXIT_DIVERGED
     return 0
+

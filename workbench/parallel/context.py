@@ -23,6 +23,8 @@ The backend follows the device: gloo on CPU, NCCL on CUDA, HCCL on Ascend NPUs (
 from __future__ import annotations
 
 import os
+import threading
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -33,6 +35,11 @@ from workbench.validation import check, check_int
 
 # The process-group backend for each device type; the code above it is the same for all three.
 BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+
+# How long a collective waits for the other ranks before it fails. gloo's own default is 30 minutes,
+# so a stopped or hung rank left the others waiting silently for half an hour; a step of the models
+# here takes seconds, and the slowest collective (a checkpoint's gather) well under a minute.
+DEFAULT_COLLECTIVE_TIMEOUT_S = 300.0
 
 _current: ParallelContext | None = None
 
@@ -130,6 +137,8 @@ class ParallelContext:
     ep_group: object | None  # this rank's expert-parallel group (None: expert_parallel == 1)
     expert_dp_group: object | None  # the ranks that hold the same experts (None: one copy of the experts)
     stats: CommStats = field(default_factory=CommStats)  # what this rank's all-to-alls moved
+    timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S  # how long a collective waits for the other ranks
+    heartbeat: Heartbeat | None = None  # tells the other ranks this one is alive, and how far it got
 
     @property
     def world_size(self) -> int:
@@ -171,13 +180,18 @@ class ParallelContext:
 
 
 def init_parallel(expert_parallel: int = 1, device: str = "auto", *,
-                  timeout: timedelta | None = None) -> ParallelContext:
+                  timeout: timedelta | float | None = None) -> ParallelContext:
     """Join the launch that torchrun (or ``workbench.parallel.launch``) started and build the groups.
 
     Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` from the
     environment (``init_method="env://"``), picks this rank's device (``rank_device``) and the
     backend for it (``BACKENDS``), and makes the context current (``current_context``).
     Every rank must call it, with the same ``expert_parallel``.
+
+    ``timeout`` (a ``timedelta`` or seconds; default ``DEFAULT_COLLECTIVE_TIMEOUT_S``): how long a
+    collective waits for the other ranks before it raises, so that a stopped rank cannot leave the
+    others waiting for gloo's 30 minutes; every rank also starts a ``Heartbeat``, by which the
+    ranks that wait name the one that did not answer.
     """
     global _current
     dist = _distributed()
@@ -191,21 +205,28 @@ def init_parallel(expert_parallel: int = 1, device: str = "auto", *,
     config = ParallelConfig(world_size=world_size, expert_parallel=expert_parallel)
     dev = rank_device(device, local_rank)
     backend = backend_for(dev)
+    if timeout is None:
+        timeout = DEFAULT_COLLECTIVE_TIMEOUT_S
+    timeout_s = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
+    check(timeout_s > 0, "collective_timeout", "must be a number of seconds > 0", timeout_s)
     if not dist.is_initialized():
-        kwargs = {"timeout": timeout} if timeout is not None else {}
-        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size, **kwargs)
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout_s))
     P, D = config.expert_parallel, config.data_parallel
     ep_group = expert_dp_group = None
-    # new_group is collective: every rank creates every group, in the same order, and keeps its own.
+    # new_group is collective: every rank creates every group, in the same order, and keeps its own. A
+    # group does not take the default group's timeout: it is given the same one.
+    wait = timedelta(seconds=timeout_s)
     for d in range(D):
-        group = dist.new_group([d * P + i for i in range(P)]) if P > 1 else None
+        group = dist.new_group([d * P + i for i in range(P)], timeout=wait) if P > 1 else None
         if rank // P == d:
             ep_group = group
     for i in range(P):
-        group = dist.new_group([d * P + i for d in range(D)]) if D > 1 else None
+        group = dist.new_group([d * P + i for d in range(D)], timeout=wait) if D > 1 else None
         if rank % P == i:
             expert_dp_group = group
-    _current = ParallelContext(config, rank, local_rank, dev, backend, ep_group, expert_dp_group)
+    _current = ParallelContext(config, rank, local_rank, dev, backend, ep_group, expert_dp_group,
+                               timeout_s=timeout_s, heartbeat=Heartbeat.start(rank, world_size, timeout_s))
     return _current
 
 
@@ -222,6 +243,75 @@ def shutdown() -> None:
     global _current
     import torch.distributed as dist
 
+    if _current is not None and _current.heartbeat is not None:
+        _current.heartbeat.stop()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     _current = None
+
+
+class Heartbeat:
+    """A thread that writes this rank's time and step to the launch's key-value store (the
+    rendezvous store at ``MASTER_ADDR:MASTER_PORT``) every ``interval_s`` seconds.
+
+    When a collective times out, the waiting ranks read every rank's entry (``silent_ranks``): a
+    rank whose beat is old is stopped (SIGSTOP), hung in native code or gone; failing that, a rank
+    whose step is behind the others' is the one the collective waited for. A rank that sleeps in
+    Python keeps beating, so the step is what names it.
+    """
+
+    PREFIX = "workbench/heartbeat/"
+
+    def __init__(self, store, rank: int, world_size: int, interval_s: float):
+        self.store, self.rank, self.world_size, self.interval_s = store, rank, world_size, interval_s
+        self.step = 0  # set by the trainer at each step
+        self._lock = threading.Lock()  # one store connection, two threads
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="workbench-heartbeat", daemon=True)
+
+    @classmethod
+    def start(cls, rank: int, world_size: int, timeout_s: float) -> Heartbeat | None:
+        """Connect to the rendezvous store and start beating; None where the store cannot be reached."""
+        import torch.distributed as dist
+
+        try:
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                  is_master=False, timeout=timedelta(seconds=min(30.0, timeout_s)))
+        except (RuntimeError, KeyError, ValueError):  # no store to beat into: timeouts still name no rank
+            return None
+        beat = cls(store, rank, world_size, interval_s=max(0.2, min(5.0, timeout_s / 6)))
+        beat._beat()
+        beat._thread.start()
+        return beat
+
+    def _beat(self) -> None:
+        with self._lock:
+            self.store.set(f"{self.PREFIX}{self.rank}", f"{time.time()} {self.step}")
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.interval_s):
+            try:
+                self._beat()
+            except RuntimeError:  # the store went away: the launch is ending
+                return
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def silent_ranks(self) -> list[int]:
+        """The ranks that did not answer (see the class doc), in rank order; [] when none can be told."""
+        now, beats = time.time(), {}
+        for r in range(self.world_size):
+            try:
+                with self._lock:
+                    if not self.store.check([f"{self.PREFIX}{r}"]):  # get() would wait for it to appear
+                        raise ValueError("no beat yet")
+                    when, step = self.store.get(f"{self.PREFIX}{r}").decode().split()
+                beats[r] = (float(when), int(step))
+            except (RuntimeError, ValueError):  # no beat at all: gone before the first one
+                beats[r] = (0.0, -1)
+        stale = [r for r, (when, _) in beats.items() if now - when > 3 * self.interval_s]
+        if stale:
+            return stale
+        furthest = max(step for _, step in beats.values())
+        return [r for r, (_, step) in beats.items() if step < furthest]

@@ -50,11 +50,13 @@ def _worker(rank: int, fn: Callable[..., Any], args: tuple, nprocs: int, port: i
 
 def run_local(fn: Callable[..., Any], nprocs: int = 2, args: tuple = (), *, expert_parallel: int = 1,
               device: str = "cpu", threads: int = 1, env: dict[str, str] | None = None,
-              timeout_s: float = 600.0) -> list[Any]:
+              timeout_s: float = 600.0, collective_timeout_s: float | None = None) -> list[Any]:
     """``fn(ctx, *args)`` on ``nprocs`` spawned processes; their return values, in rank order.
 
     ``fn`` must be importable by name (a module-level function) and its return value picklable
     (``torch.save``). ``threads`` sets each process's torch intra-op threads (0 leaves torch's default).
+    ``collective_timeout_s``: how long a collective waits for the other ranks (default: ``timeout_s``,
+    at most 300 s).
     """
     import torch.multiprocessing as mp
 
@@ -64,7 +66,7 @@ def run_local(fn: Callable[..., Any], nprocs: int = 2, args: tuple = (), *, expe
     with tempfile.TemporaryDirectory(prefix="workbench-launch-") as out_dir:
         context = mp.start_processes(
             _worker, args=(fn, args, nprocs, free_port(), expert_parallel, device, threads, env, out_dir,
-                           min(timeout_s, 300.0)),
+                           collective_timeout_s or min(timeout_s, 300.0)),
             nprocs=nprocs, join=False, start_method="spawn")
         deadline = time.monotonic() + timeout_s
         while not context.join(timeout=0.5):  # raises (and stops the others) when a rank failed

@@ -32,9 +32,10 @@ dropout and router jitter, both off by default, then draw the same masks on ever
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -55,6 +56,24 @@ class PeerFailed(RuntimeError):
     """Another rank failed where this one succeeded; that rank printed the reason."""
 
 
+class RankLost(PeerFailed):
+    """A collective failed: another rank did not answer within the timeout (stopped, hung) or is gone
+    (its connection closed). The message names the rank where the heartbeats tell it, and rank 0's
+    names the last checkpoint."""
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    """A collective that timed out or lost a peer (gloo, NCCL and HCCL raise RuntimeError subclasses)."""
+    import torch.distributed as dist
+
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        sign in text for sign in ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer",
+                                  "NCCL communicator was aborted", "Watchdog caught collective operation timeout"))
+
+
 class _SilentLog(JsonlLogger):
     """The metrics log of ranks other than 0: it writes and rewrites nothing."""
 
@@ -69,15 +88,18 @@ class _SilentLog(JsonlLogger):
 
 
 def agree(ctx: ParallelContext, error: BaseException | None) -> None:
-    """Every rank learns whether any rank failed: this rank's own error is raised, else ``PeerFailed``
-    when another rank failed, so no rank walks on alone into a collective that never completes."""
+    """Every rank learns which ranks failed, so no rank walks on alone into a collective that never
+    completes. Rank 0 raises its own error; another rank raises its own only when rank 0 did not fail
+    (every rank refusing the same config would print the same line), else ``PeerFailed``, which the
+    CLI keeps quiet: rank 0 speaks for the run."""
     import torch.distributed as dist
 
-    flag = ctx.collective_tensor([0.0 if error is None else 1.0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if error is not None:
+    flags = ctx.collective_tensor([0.0] * ctx.world_size)
+    flags[ctx.rank] = 0.0 if error is None else 1.0
+    dist.all_reduce(flags)
+    if error is not None and (ctx.is_main or flags[0].item() == 0):
         raise error
-    if flag.item() > 0:
+    if flags.sum().item() > 0:
         raise PeerFailed("another rank failed while setting up (its error is printed above); this rank stops too")
 
 
@@ -130,8 +152,40 @@ class ExpertParallelTrainer(Trainer):
 
     # --- the step --------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _peers_answer(self) -> Iterator[None]:
+        """Turn a collective that timed out or lost a peer into ``RankLost``, naming the rank that did not
+        answer (the heartbeats tell it) and, on rank 0, the last checkpoint, in one sentence."""
+        try:
+            yield
+        except RuntimeError as err:
+            if isinstance(err, PeerFailed) or not is_collective_failure(err):
+                raise
+            ctx = self.parallel
+            silent = ctx.heartbeat.silent_ranks() if ctx.heartbeat is not None else []
+            silent = [r for r in silent if r != ctx.rank]
+            who = (f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))}" if silent
+                   else "another rank")
+            what = (f"{who} did not answer within the collective timeout of {ctx.timeout_s:g} s (stopped, hung "
+                    "or gone; see --collective-timeout)")
+            if ctx.is_main:
+                last = self.last_checkpoint()
+                what += (f"; the last checkpoint is {last} (continue with: workbench train --resume --run-dir "
+                         f"{self.run_dir})" if last is not None else "; no checkpoint was written yet")
+            raise RankLost(what) from err
+
+    def evaluate(self):
+        with self._peers_answer():
+            return super().evaluate()
+
     def train_step(self) -> dict[str, Any]:
         """One optimizer step: this rank's share of the micro-batches, then the gradients of all ranks."""
+        if self.parallel.heartbeat is not None:
+            self.parallel.heartbeat.step = self.step + 1  # the step this rank is working on
+        with self._peers_answer():
+            return self._train_step()
+
+    def _train_step(self) -> dict[str, Any]:
         cfg, model, ctx = self.cfg, self.model, self.parallel
         model.train()
         ctx.stats.reset()
@@ -210,7 +264,8 @@ class ExpertParallelTrainer(Trainer):
 
     def save(self):
         """Write a checkpoint in the single-process layout (rank 0); every rank must call it."""
-        state = full_state(self.model, self.optimizer, self.parallel)
+        with self._peers_answer():
+            state = full_state(self.model, self.optimizer, self.parallel)
         if state is None:
             return None
         model_state, optimizer_state = state
