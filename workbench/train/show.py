@@ -41,7 +41,8 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     rows, bad = [], []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    # bytes that are not UTF-8 (a binary file) make their lines unreadable rows, not a codec error
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
         try:
             row = json.loads(line)
         except ValueError:
