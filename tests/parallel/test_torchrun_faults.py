@@ -127,3 +127,15 @@ def test_a_full_disk_under_torchrun_is_one_line_from_rank_0(tmp_path):
     lines = our_lines(err)
     assert len(lines) == 1 and lines[0].startswith(ERROR) and "training stopped at step 2" in lines[0], err
     assert "comm.py" not in err and "rank 1" not in err
+
+
+def test_a_rank_that_sleeps_is_named_by_its_heartbeat_step():
+    """Item 4: a rank asleep in Python still beats; it is named because its step is behind."""
+    from tests.parallel.workers import heartbeat_names_the_sleeping_rank
+    from workbench.parallel.launch import run_local
+    from workbench.parallel.trainer import is_collective_failure
+
+    first, _ = run_local(heartbeat_names_the_sleeping_rank, nprocs=2, args=(4.0,), collective_timeout_s=1.5,
+                         timeout_s=60)
+    assert first["silent"] == [1], first
+    assert is_collective_failure(RuntimeError(first["error"])), first["error"]

@@ -150,3 +150,21 @@ def parallel_layer_keeps_what_the_constructor_built(ctx: ParallelContext) -> dic
     return {"class": type(layer).__name__, "buffers": dict(layer.named_buffers()),
             "dispatch": type(layer.dispatch).__name__, "local_experts": layer.experts.num_experts,
             "first_expert": layer.experts.first_expert, "y_shape": tuple(run["y"].shape)}
+
+
+def heartbeat_names_the_sleeping_rank(ctx: ParallelContext, sleep_s: float) -> Any:
+    """Rank 1 sleeps in Python (its heartbeat thread keeps beating) one step behind rank 0; rank 0's
+    collective times out, and the heartbeats name rank 1 by its step. Rank 0 returns what it read."""
+    import time
+
+    import torch.distributed as dist
+
+    ctx.heartbeat.step = 5 if ctx.rank == 0 else 4
+    ctx.heartbeat._beat()  # the step is published at once, not at the next beat
+    if ctx.rank == 1:
+        time.sleep(sleep_s)
+    try:
+        dist.all_reduce(torch.ones(1))
+    except RuntimeError as err:
+        return {"error": str(err), "silent": ctx.heartbeat.silent_ranks()}
+    return None

@@ -166,8 +166,11 @@ class ExpertParallelTrainer(Trainer):
             silent = [r for r in silent if r != ctx.rank]
             who = (f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))}" if silent
                    else "another rank")
-            what = (f"{who} did not answer within the collective timeout of {ctx.timeout_s:g} s (stopped, hung "
-                    "or gone; see --collective-timeout)")
+            if any(sign in str(err) for sign in ("Connection closed", "Connection reset")):
+                what = f"{who} stopped answering: its connection closed (it exited or was killed)"
+            else:
+                what = (f"{who} did not answer within the collective timeout of {ctx.timeout_s:g} s (stopped, "
+                        "hung or gone; see --collective-timeout)")
             if ctx.is_main:
                 last = self.last_checkpoint()
                 what += (f"; the last checkpoint is {last} (continue with: workbench train --resume --run-dir "
