@@ -183,10 +183,14 @@ def _checked_flags(args: argparse.Namespace):
     from workbench.train.trainer import resolve_device
 
     model_cfg, train_cfg = configs_from_args(args)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and "grad_accum" not in vars(args):
+        # each rank takes grad_accum / N micro-batches: one each, unless --grad-accum says otherwise
+        train_cfg = dataclasses.replace(train_cfg, grad_accum=world)
     # a lower bound, before any tensor: --vocab-size 100000000000 ended in the allocator's traceback;
     # the ranks of a node share its memory (CPU), or each holds at least its share (a GPU each)
     device = resolve_device(train_cfg.device)
-    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     check_training_fits(model_cfg, train_cfg, device, shares=max(1, world // local if device.type == "cpu" else world))
     return model_cfg, train_cfg
 
@@ -262,6 +266,9 @@ def _train(args: argparse.Namespace, prog: str, parallel, configs=None) -> int:
     if parallel is not None:
         say(f"parallel: {parallel.world_size} ranks, expert parallel {parallel.ep_size} x data parallel "
             f"{parallel.dp_size}, {parallel.backend} on {parallel.device.type}", flush=True)
+        if not args.resume and "grad_accum" not in vars(args):
+            say(f"grad_accum: {trainer.cfg.grad_accum}, one micro-batch per rank (the default under torchrun; "
+                "--grad-accum sets another multiple of the number of ranks)", flush=True)
     try:
         trainer.fit()
     except TrainingDiverged as err:
@@ -274,10 +281,14 @@ def _train(args: argparse.Namespace, prog: str, parallel, configs=None) -> int:
         usage_error(prog, str(err))
     except errors as err:  # a full disk, a run dir that went away, a rank that did not answer...
         _fault(prog, parallel, err, f"{err}; training stopped at step {trainer.step}")
+    try:  # every rank measures its peak: MFU divides all ranks' tokens by all ranks' peaks
+        peak = trainer.matmul_peak()
+    except errors as err:
+        _fault(prog, parallel, err, f"training finished, but measuring the matmul peak failed: {err}")
     if parallel is not None and not parallel.is_main:
         return 0
     try:
-        text = summarize(trainer)
+        text = summarize(trainer, peak)
     except OSError as err:
         usage_error(prog, f"training finished, but writing its summary failed: {err}")
     say(text)
@@ -308,28 +319,32 @@ def _interrupted(trainer, err: BaseException | None = None) -> str:
             f"(continue with: workbench train --resume --run-dir {trainer.run_dir})")
 
 
-def summarize(trainer) -> str:
+def summarize(trainer, peak: float | None = None) -> str:
     """The end-of-run summary; also writes ``report.png`` and ``summary.json`` to the run dir.
+
+    ``peak``: the matmul FLOP/s of every process that trained (``trainer.matmul_peak()``, which
+    under torchrun every rank must call); measured here when not given.
 
     A value that cannot be given (no validation window, no step timed in this process) is
     ``null`` in ``summary.json`` and ``n/a`` with the reason in the text, never 0 or NaN.
     """
-    from workbench.bench.peak import measure_matmul_peak
     from workbench.train.rundir import add_outputs, update_run_info, write_json_atomic
 
     history, ev, cfg = trainer.history, trainer.last_eval, trainer.model_cfg
     lines = [f"run dir: {trainer.run_dir}"]
     tokens_per_s: float | None = trainer.throughput()
-    peak = measure_matmul_peak(trainer.device)
+    peak = trainer.matmul_peak() if peak is None else peak
+    ranks = getattr(getattr(trainer, "parallel", None), "world_size", 1)
     if tokens_per_s is not None and tokens_per_s == tokens_per_s:  # not NaN
         mfu: float | None = cfg.flops_per_token() * tokens_per_s / peak
+        of = f" ({ranks} ranks' peaks summed)" if ranks > 1 else ""
         lines.append(f"throughput: {tokens_per_s:,.0f} tokens/s; model FLOP utilisation {100 * mfu:.1f}% of a "
-                     f"{peak / 1e9:,.0f} GFLOP/s {trainer.device.type} matmul measured now")
+                     f"{peak / 1e9:,.0f} GFLOP/s {trainer.device.type} matmul measured now{of}")
     else:
         tokens_per_s = mfu = None
         lines.append("throughput: n/a (no training step ran in this process)")
     summary: dict[str, Any] = {"step": trainer.step, "tokens_per_s": tokens_per_s, "mfu": mfu,
-                               "matmul_peak_flops": peak, "flops_per_token": cfg.flops_per_token()}
+                               "matmul_peak_flops": peak, "ranks": ranks, "flops_per_token": cfg.flops_per_token()}
     if ev is not None:
         parts = [f"{d} {ev.loss_per_domain[d]:.3f}" if d in ev.loss_per_domain else f"{d} n/a"
                  for d in ev.domains]

@@ -103,6 +103,15 @@ def agree(ctx: ParallelContext, error: BaseException | None) -> None:
         raise PeerFailed("another rank failed while setting up (its error is printed above); this rank stops too")
 
 
+def summed_over_ranks(ctx: ParallelContext, value: float) -> float:
+    """``value`` summed over every rank (every rank must call it)."""
+    import torch.distributed as dist
+
+    total = ctx.collective_tensor([value])
+    dist.all_reduce(total)
+    return float(total.item())
+
+
 def grad_accum_advice(grad_accum: int, world_size: int, expert_parallel: int, *, resume: bool) -> str:
     """Why ``grad_accum`` does not fit ``world_size`` ranks, and what to do: a new run can take another
     ``--grad-accum``; a resume keeps the run's, so it is told which numbers of ranks fit it."""
@@ -262,6 +271,13 @@ class ExpertParallelTrainer(Trainer):
                 / ctx.world_size,
             })
         return out
+
+    def matmul_peak(self) -> float:
+        """The sum of every rank's matmul peak, measured at the same time (ranks sharing a CPU share its
+        cores): ``throughput`` counts the tokens of all ranks, so MFU divides by all their peaks (one
+        rank's peak overstated it N times). Every rank must call it."""
+        with self._peers_answer():
+            return summed_over_ranks(self.parallel, super().matmul_peak())
 
     # --- files: rank 0 writes, every rank takes part in the gathers ----------------------
 

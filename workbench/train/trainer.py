@@ -537,6 +537,13 @@ class Trainer:
         return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler,
                                self.model_cfg.to_dict(), self.cfg.to_dict(), keep=self.cfg.keep_checkpoints)
 
+    def matmul_peak(self) -> float:
+        """The matmul FLOP/s the run's throughput is measured against (MFU's denominator): this
+        process's device, measured now."""
+        from workbench.bench.peak import measure_matmul_peak
+
+        return measure_matmul_peak(self.device)
+
     def throughput(self, skip: int = 3) -> float:
         """Median tokens per second over the steps this process ran, the first ``skip`` left out."""
         times = self._step_times[skip:] or self._step_times
