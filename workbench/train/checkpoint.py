@@ -179,6 +179,9 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
     tmp = final.with_name(final.name + ".tmp")
     try:
         save_file(tensors, str(tmp), metadata=metadata)
+        # safetensors creates its file 0600; give it the mode every other run file gets (0666 less
+        # the umask), so colleagues who can read the run directory can read its checkpoints
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)
@@ -195,6 +198,19 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
         for _, old in list_checkpoints(run_dir)[:-keep]:
             old.unlink(missing_ok=True)
     return final
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux tells it (os.umask can only set it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _is_io_error(err: BaseException) -> bool:
