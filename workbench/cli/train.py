@@ -281,14 +281,16 @@ def _train(args: argparse.Namespace, prog: str, parallel, configs=None) -> int:
         usage_error(prog, str(err))
     except errors as err:  # a full disk, a run dir that went away, a rank that did not answer...
         _fault(prog, parallel, err, f"{err}; training stopped at step {trainer.step}")
-    try:  # every rank measures its peak: MFU divides all ranks' tokens by all ranks' peaks
-        peak = trainer.matmul_peak()
-    except errors as err:
-        _fault(prog, parallel, err, f"training finished, but measuring the matmul peak failed: {err}")
-    if parallel is not None and not parallel.is_main:
-        return 0
+    peak = None
+    if parallel is not None:
+        try:  # every rank measures its peak: MFU divides all ranks' tokens by all ranks' peaks
+            peak = trainer.matmul_peak()
+        except errors as err:
+            _fault(prog, parallel, err, f"training finished, but measuring the matmul peak failed: {err}")
+        if not parallel.is_main:
+            return 0
     try:
-        text = summarize(trainer, peak)
+        text = summarize(trainer) if peak is None else summarize(trainer, peak)
     except OSError as err:
         usage_error(prog, f"training finished, but writing its summary failed: {err}")
     say(text)
