@@ -18,7 +18,8 @@ from dataclasses import replace
 from typing import Any
 
 from workbench.config import ModelConfig
-from workbench.experiments import Experiment
+from workbench.experiments import Experiment, Results
+from workbench.labs.modes import require_files
 from workbench.train.config import TrainConfig
 from workbench.validation import check
 
@@ -263,3 +264,15 @@ def takeaways(runs: Any) -> list[str]:
                 line += f" (dropless: validation loss {d['val_loss']:.4f}, {d['step_time_s'] * 1e3:.0f} ms)"
             lines.append(line + ".")
     return lines
+
+
+# --- the committed full-mode results (the notebook's results mode) ------------------------------
+
+RESULTS_FILES = ("runs.csv", "evals.csv", "steps.csv.gz", "details.json.gz")  # what Results.save writes
+
+
+def load_results(folder: Any) -> Results:
+    """The committed full-mode results of the lab (``Results.save``'s files in ``folder``), every
+    table and each run's details, as ``run_experiments`` returned them; FileNotFoundError naming
+    any missing file."""
+    return Results.load(require_files(folder, RESULTS_FILES))

@@ -25,12 +25,13 @@ difference, paired over seeds (``workbench.labs.balancing._difference``).
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from workbench.config import ModelConfig
 from workbench.experiments import Experiment, Results
 from workbench.labs.balancing import NOISE_SE, _difference, _moe, _stats, accumulation_experiments
+from workbench.labs.modes import require_files
 from workbench.train.config import TrainConfig
 from workbench.validation import check
 
@@ -316,3 +317,50 @@ def domain_windows(encode: Any, *, seq_len: int, windows_per_domain: int, vocab_
         names.append(domain)
     check(len(batches) > 0, "seq_len", "is longer than every domain's validation text", seq_len)
     return batches, names
+
+
+# --- the committed full-mode results (the notebook's results mode) ------------------------------
+
+# What the notebook's full mode commits: the runs table, every analysis per (run, seed, layer),
+# router saturation, the validations, and the untrained model's analyses. The routing traces
+# themselves (counts per run) are not committed: the figures drawn from them need full mode.
+RESULTS_FILES = ("runs.csv", "specialization.csv", "saturation.csv", "evals.csv", "untrained.csv")
+
+
+@dataclass
+class CommittedResults:
+    """The lab's committed tables: ``results`` has the runs and evals tables and no details
+    (no traces), ``frame`` is ``specialization_frame``'s table, ``saturation`` is
+    ``Results.saturation()``'s, ``untrained`` the untrained model's ``specialization_table``."""
+
+    results: Results
+    frame: Any
+    saturation: Any
+    untrained: Any
+
+
+def load_results(folder: Any) -> CommittedResults:
+    """The committed full-mode results in ``folder`` (``RESULTS_FILES``); FileNotFoundError naming
+    any missing file."""
+    import pandas as pd
+
+    folder = require_files(folder, RESULTS_FILES)
+    runs = pd.read_csv(folder / "runs.csv")
+    results = Results(runs=runs, steps=pd.DataFrame(columns=["name", "seed", "step"]),
+                      evals=pd.read_csv(folder / "evals.csv"), details={})
+    return CommittedResults(results, pd.read_csv(folder / "specialization.csv"),
+                            pd.read_csv(folder / "saturation.csv"), pd.read_csv(folder / "untrained.csv"))
+
+
+def save_results(folder: Any, results: Results, frame: Any, saturation: Any, untrained: Any) -> Any:
+    """Write the tables ``load_results`` reads into ``folder`` (full mode with ``SAVE_RESULTS``)."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    results.runs.to_csv(folder / "runs.csv", index=False)
+    frame.to_csv(folder / "specialization.csv", index=False, float_format="%.6g")
+    saturation.to_csv(folder / "saturation.csv", index=False, float_format="%.6g")
+    results.evals.to_csv(folder / "evals.csv", index=False, float_format="%.6g")
+    untrained.to_csv(folder / "untrained.csv", index=False, float_format="%.6g")
+    return folder
