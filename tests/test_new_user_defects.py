@@ -26,3 +26,31 @@ def test_checkpoints_keep_the_umasks_permissions(tmp_path, umask_022):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     path = save_checkpoint(tmp_path, 1, model, optimizer, scheduler, {}, {})
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def _run_with(tmp_path, model_cfg) -> dict:
+    """What ``workbench show`` finds in a run whose run.json records ``model_config`` (nothing else)."""
+    import json
+
+    from workbench.train import TrainConfig
+    from workbench.train.show import describe_run
+
+    (tmp_path / "run.json").write_text(json.dumps({"model_config": model_cfg.to_dict(),
+                                                   "train_config": TrainConfig().to_dict()}))
+    return describe_run(tmp_path)
+
+
+def test_show_compares_a_run_with_the_preset_it_was_built_from(tmp_path):
+    """Defect 8: an untouched run listed dense_hidden=256, moe.expert_hidden=128 (the tiny preset's,
+    which `workbench train --help` shows as the defaults) as settings not at their defaults."""
+    from workbench.config import preset
+    from workbench.train.show import format_run
+
+    info = _run_with(tmp_path, preset("tiny"))
+    assert info["non_default"] == {} and info["defaults_preset"] == "tiny"
+    assert "not at their defaults" not in format_run(info)
+    info = _run_with(tmp_path, preset("tiny", num_experts=16).replace(dense_hidden=64))
+    assert info["non_default"] == {"dense_hidden": 64, "moe.num_experts": 16}
+    assert "settings not at their defaults (the tiny preset's): dense_hidden=64, moe.num_experts=16" in format_run(info)
+    assert _run_with(tmp_path, preset("small"))["non_default"] == {}  # --preset small
+    assert _run_with(tmp_path, preset("tiny").replace(moe=None))["non_default"] == {"moe": None}  # --dense

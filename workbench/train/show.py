@@ -87,19 +87,48 @@ def _process_alive(run: dict[str, Any]) -> bool | None:
     return True
 
 
-def _non_defaults(values: dict[str, Any], cls: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+def _non_defaults(values: dict[str, Any], cls: type, skip: tuple[str, ...] = (),
+                  defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     try:
-        defaults = asdict(cls())
+        defaults = asdict(cls()) if defaults is None else defaults
     except Exception:
         return {}
     names = {f.name for f in fields(cls)}
     return {k: v for k, v in values.items() if k in names and k not in skip and defaults.get(k) != v}
 
 
+def _model_non_defaults(model_cfg: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """The model settings that differ from the preset the run was built from, and that preset's name.
+
+    ``workbench train`` starts from a preset (tiny unless --preset says otherwise), so a run's
+    defaults are that preset's, not the bare ``ModelConfig()``'s; runs do not record the preset, so
+    it is the one the run differs from least (ties: tiny, the CLI's default).
+    """
+    from workbench.config import PRESETS, ModelConfig, MoEConfig, preset
+
+    if not isinstance(model_cfg, dict):
+        return None, {}
+    moe = model_cfg.get("moe")
+    best: tuple[str | None, dict[str, Any]] = (None, {})
+    for name in PRESETS:
+        try:
+            base = asdict(preset(name))
+        except Exception:
+            continue
+        found = _non_defaults(model_cfg, ModelConfig, skip=("moe",), defaults=base)
+        if isinstance(moe, dict):
+            found.update({f"moe.{k}": v for k, v in _non_defaults(moe, MoEConfig, defaults=base["moe"]).items()})
+        elif base["moe"] is not None:
+            found["moe"] = None  # the dense baseline (--dense)
+        if best[0] is None or len(found) < len(best[1]):
+            best = (name, found)
+    return best
+
+
 def describe_run(run_dir: str | Path) -> dict[str, Any]:
     """The facts ``workbench show`` prints, as a JSON-ready dict; ``ValueError`` if ``run_dir`` is
     not a run directory."""
-    from workbench.config import ModelConfig, MoEConfig
+    from workbench.config import ModelConfig
     from workbench.train.config import TrainConfig
 
     run_dir = Path(run_dir)
@@ -165,15 +194,16 @@ def describe_run(run_dir: str | Path) -> dict[str, Any]:
 
     # config
     info["model_config"], info["train_config"] = model_cfg, train_cfg
-    moe = model_cfg.get("moe")
     try:
         cfg = ModelConfig.from_dict(model_cfg)
         info["params"], info["active_params"] = cfg.num_params(), cfg.num_active_params()
     except Exception:  # a config this version of the code no longer accepts
         info["params"] = info["active_params"] = None
+    # the defaults `workbench train --help` shows: a preset's model (tiny's unless another fits the run
+    # better) and TrainConfig's training settings
+    info["defaults_preset"], model_non_default = _model_non_defaults(model_cfg)
     info["non_default"] = {
-        **_non_defaults(model_cfg, ModelConfig, skip=("moe",)),
-        **({f"moe.{k}": v for k, v in _non_defaults(moe, MoEConfig).items()} if isinstance(moe, dict) else {}),
+        **model_non_default,
         **_non_defaults(train_cfg, TrainConfig, skip=("run_dir", "progress")),
     }
 
@@ -250,7 +280,8 @@ def format_run(info: dict[str, Any]) -> str:
                  f"seed {t.get('seed')}, device {t.get('device')}; data: {data}")
     nd = info.get("non_default") or {}
     if nd:
-        lines.append("settings not at their defaults: " + ", ".join(f"{k}={v}" for k, v in nd.items()))
+        against = f" (the {info['defaults_preset']} preset's)" if info.get("defaults_preset") else ""
+        lines.append(f"settings not at their defaults{against}: " + ", ".join(f"{k}={v}" for k, v in nd.items()))
 
     v = info["validation"]
     if v["step"] is None:
