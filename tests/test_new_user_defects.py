@@ -54,3 +54,22 @@ def test_show_compares_a_run_with_the_preset_it_was_built_from(tmp_path):
     assert "settings not at their defaults (the tiny preset's): dense_hidden=64, moe.num_experts=16" in format_run(info)
     assert _run_with(tmp_path, preset("small"))["non_default"] == {}  # --preset small
     assert _run_with(tmp_path, preset("tiny").replace(moe=None))["non_default"] == {"moe": None}  # --dense
+
+
+def test_a_traced_sweep_says_why_it_retrains_runs_cached_without_traces(tmp_path, monkeypatch):
+    """Defect 5: run_experiments(..., traces=True) said "training 1 of 1 runs" for a run already in the
+    cache (without traces), though a second call is said to train nothing."""
+    import workbench.experiments as experiments
+    from tests.test_experiments import small_model, small_train
+    from workbench.experiments import Experiment, run_experiments
+
+    monkeypatch.setattr(experiments, "code_version", lambda root=None: "pinned")
+    exps = [Experiment(name="aux", model=small_model(), train=small_train(steps=2))]
+    run_experiments(exps, seeds=[0], cache_dir=tmp_path, log=None)
+    lines: list[str] = []
+    run_experiments(exps, seeds=[0], cache_dir=tmp_path, log=lines.append, traces=True)
+    assert ("training 1 of 1 runs, 1 at a time (1 of them is cached without routing traces, and traces=True "
+            "records them during training: router saturation at every validation)") in lines
+    lines.clear()
+    run_experiments(exps, seeds=[0], cache_dir=tmp_path, log=lines.append, traces=True)
+    assert not any(line.startswith("training") for line in lines)  # now cached with its traces

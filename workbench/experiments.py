@@ -393,7 +393,8 @@ def run_experiments(experiments: Iterable[Experiment], seeds: Sequence[int] = (0
     (1: in this process, with its thread setting). ``log``: where progress lines go (None: nowhere).
     ``traces``: also record each run's routing traces over the validation set and router
     saturation over training (``Results.routing_counts``, ``Results.saturation``); a run cached
-    without them trains again.
+    without them trains again (saturation is measured at every validation during training, and the
+    cache keeps no checkpoint), and the progress line says so.
     """
     joblib = _require("joblib")
     experiments = list(experiments)
@@ -421,7 +422,8 @@ def run_experiments(experiments: Iterable[Experiment], seeds: Sequence[int] = (0
         else:
             todo.append(i)
     if todo:
-        say(f"training {len(todo)} of {len(specs)} runs, {min(jobs, len(todo))} at a time")
+        say(f"training {len(todo)} of {len(specs)} runs, {min(jobs, len(todo))} at a time"
+            + (_untraced_note(cached_train, [args[i] for i in todo]) if traces else ""))
 
     def finished(i: int, record: dict[str, Any]) -> None:
         record["cached"] = False
@@ -442,6 +444,16 @@ def run_experiments(experiments: Iterable[Experiment], seeds: Sequence[int] = (0
     elif todo:
         _train_in_workers(cached_train, args, todo, specs, min(jobs, len(todo)), say, finished)
     return _tabulate(specs, records)
+
+
+def _untraced_note(cached_train: Any, todo_args: list[tuple]) -> str:
+    """Why runs cached without traces train again for ``traces=True``: the saturation curve is
+    routed at every validation during training, and the cache keeps no checkpoint to start from."""
+    untraced = sum(cached_train.check_call_in_cache(*a[:-1], False) for a in todo_args)
+    if not untraced:
+        return ""
+    return (f" ({untraced} of them {'is' if untraced == 1 else 'are'} cached without routing traces, and "
+            "traces=True records them during training: router saturation at every validation)")
 
 
 def _load_cached(cached_train: Any, args: tuple, what: str, say: Callable[[str], None]) -> dict[str, Any] | None:
