@@ -73,3 +73,14 @@ def test_a_traced_sweep_says_why_it_retrains_runs_cached_without_traces(tmp_path
     lines.clear()
     run_experiments(exps, seeds=[0], cache_dir=tmp_path, log=lines.append, traces=True)
     assert not any(line.startswith("training") for line in lines)  # now cached with its traces
+
+
+def test_every_train_flag_has_a_help_text():
+    """Defect 11: --expert-choice-capacity had an empty help, only its name ("expert choice capacity"):
+    its field's comment sat on the line above, and the CLI takes a field's trailing comment as help."""
+    from workbench.cli import build_parser
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    empty = [a.option_strings[0] for a in train._actions if a.option_strings and
+             (a.help or "").split(" (default")[0].strip() in ("", a.dest.replace("_", " "))]
+    assert empty == []

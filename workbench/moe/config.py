@@ -47,9 +47,7 @@ class MoEConfig:
     num_groups: int = 1  # sigmoid router: experts split into groups (DeepSeek-V3 node-limited routing)
     topk_groups: int = 1  # ... of which this many are kept per token
     route_scale: float = 1.0  # gates are multiplied by this (DeepSeek-V2/V3's routed scaling factor)
-    # expert choice: the paper's capacity factor c (average experts per token), C = ceil(c T / E);
-    # None = top_k, the expert compute of top-k token choice
-    expert_choice_capacity: float | None = None
+    expert_choice_capacity: float | None = None  # expert choice: c experts per token on average; None: top_k
     expert_choice_eval: str = "expert_choice"  # or "token_choice": evaluate causally (top-k of the same scores)
     hash_vocab_size: int = 256  # hash router: rows of the token id -> experts table; >= the vocabulary size
     sinkhorn_iters: int = 10  # sinkhorn router: balancing iterations (fixed, in log space)
