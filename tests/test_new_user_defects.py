@@ -84,3 +84,17 @@ def test_every_train_flag_has_a_help_text():
     empty = [a.option_strings[0] for a in train._actions if a.option_strings and
              (a.help or "").split(" (default")[0].strip() in ("", a.dest.replace("_", " "))]
     assert empty == []
+
+
+def test_routing_counts_show_as_one_line():
+    """Defect 11: a RoutingCounts displayed in a notebook printed about 900 lines of sparse tensors."""
+    from tests.train.conftest import MICRO_MODEL
+    from workbench.analysis.traces import collect
+    from workbench.model import MoELM
+
+    torch.manual_seed(0)
+    model = MoELM(MICRO_MODEL)
+    counts = collect(model, [torch.randint(0, MICRO_MODEL.vocab_size, (2, MICRO_MODEL.seq_len))])
+    text = repr(counts)
+    assert "\n" not in text and len(text) < 200, text
+    assert text == "RoutingCounts(64 tokens, domains ['all'], MoE layers [0, 1], 4 experts, top-2, vocab 256)"

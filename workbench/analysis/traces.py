@@ -113,6 +113,12 @@ class RoutingCounts:
     probe_topk_LPK: torch.Tensor | None = None
     notes: list[str] = field(default_factory=list)
 
+    def __repr__(self) -> str:
+        # the dataclass repr printed every tensor (about 900 lines in a notebook): what it counted instead
+        probe = "" if self.probe_tokens_P is None else f", probe of {self.probe_tokens_P.numel():,} tokens"
+        return (f"RoutingCounts({self.tokens:,} tokens, domains {self.domains}, MoE layers {self.layers}, "
+                f"{self.num_experts} experts, top-{self.top_k}, vocab {self.vocab_size}{probe})")
+
     def index(self, layer: int) -> int:
         """Position on the L axis of model layer ``layer`` (``ValueError`` listing the MoE layers)."""
         if layer not in self.layers:
