@@ -98,3 +98,20 @@ def test_routing_counts_show_as_one_line():
     text = repr(counts)
     assert "\n" not in text and len(text) < 200, text
     assert text == "RoutingCounts(64 tokens, domains ['all'], MoE layers [0, 1], 4 experts, top-2, vocab 256)"
+
+
+def test_predicted_mfu_lies_within_its_own_band():
+    """Defect 11: `workbench bench model` printed Ascend MFU outside its own range, 73.1% (77-80%): each
+    end divided that end's throughput by that end's peak, and the Ascend peak band is the wider one."""
+    from workbench.bench import perfmodel as pm
+
+    table = pm.load_devices()
+    for name in pm.SHAPES:
+        for key, dev in table.items():
+            try:
+                low, value, high = (pm.predict(pm.shape(name), dev, ep=8, dtype="bf16", end=e).mfu
+                                    for e in pm.BAND_ENDS)
+            except ValueError:  # a device without a bf16 figure
+                continue
+            if value is not None:
+                assert low <= value <= high, (name, key, low, value, high)

@@ -461,7 +461,7 @@ class Prediction:
     step_s: float
     tokens_per_s: float
     tflops: float  # model FLOPs per second per device, in TFLOP/s
-    mfu: float | None  # against the datasheet peak of the dtype
+    mfu: float | None  # against the dtype's datasheet peak (the low end: its highest; the high end: its lowest)
     mfu_matmul: float | None  # against the device's measured matmul
     expert_rows: float  # tokens per expert (the expert GEMMs' m)
     expert_intensity: float  # FLOP/byte of the expert GEMMs
@@ -494,6 +494,10 @@ def predict(shp: Shape, dev: Device, *, tokens: int | None = None, ep: int = 1, 
     b = DTYPE_BYTES[dtype]
     cb = DTYPE_BYTES[comm_dtype or dtype]
     peak_tf = dev.get(_peak_figure(dtype), end)
+    # MFU's ends pair the throughput of one end with the peak of the other: the low end's few tokens
+    # against the highest peak. Same-end pairs left the table value outside its own printed band
+    # (Ascend 910B2: 73.1% (77-80%), the peak band being wider than the throughput's)
+    mfu_peak_tf = dev.get(_peak_figure(dtype), {"low": "high", "high": "low"}.get(end, end))
     same_dtype = DTYPE_BYTES[dtype] == DTYPE_BYTES[dev.matmul_dtype]
     roof_tf = dev.get("matmul_tflops", end) if same_dtype else None
     if roof_tf is None:
@@ -543,7 +547,7 @@ def predict(shp: Shape, dev: Device, *, tokens: int | None = None, ep: int = 1, 
     return Prediction(
         shape=shp.name, device=dev.key, end=end, tokens=T, ep=ep, dtype=dtype, parts_s=parts,
         a2a_bytes=a2a_bytes * shp.n_moe_layers, step_s=step, tokens_per_s=tps, tflops=achieved / 1e12,
-        mfu=achieved / (peak_tf * 1e12) if peak_tf else None,
+        mfu=achieved / (mfu_peak_tf * 1e12) if mfu_peak_tf else None,
         mfu_matmul=achieved / (roof_tf * 1e12),
         expert_rows=rows, expert_intensity=arithmetic_intensity(rows, D, H, b) if rows else math.nan,
         ridge=F / B)
