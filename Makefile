@@ -12,6 +12,7 @@ export WANDB_MODE ?= offline
 .PHONY: setup demo test lint bench lab clean
 
 $(STAMP): pyproject.toml
+	@echo "workbench: installing the Python packages, torch included, into $(VENV) (first run only, a minute or two)"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"

@@ -115,3 +115,48 @@ def test_predicted_mfu_lies_within_its_own_band():
                 continue
             if value is not None:
                 assert low <= value <= high, (name, key, low, value, high)
+
+
+def test_the_kernel_build_says_what_it_does_before_the_progress_bar(tmp_path, monkeypatch, capsys):
+    """Defect 9: the fused CPU kernels compiled inside the first training step, so the progress bar
+    timed the build as a step and estimated hours; the build now runs, saying so, before the bar."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    import workbench.kernels.cpu.build as build
+    import workbench.train.trainer as trainer_module
+    from tests.train.conftest import MICRO_MODEL, write_domain_folder
+    from workbench.kernels.cpu import fused_cpu_kernel
+    from workbench.train import TrainConfig, Trainer
+
+    events: list[str] = []
+
+    def compile_fails(*args, **kwargs):  # as where there is no compiler: the readable path runs
+        events.append("build")
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))  # nothing built there yet
+    monkeypatch.setattr(cpp_extension, "load", compile_fails)
+    monkeypatch.setattr(build, "_module", None)
+    monkeypatch.setattr(build, "_build_failed", False)
+    monkeypatch.setattr(trainer_module, "_progress", lambda *a: events.append("progress bar"))
+    corpus = write_domain_folder(tmp_path / "corpus")
+    with fused_cpu_kernel(True):
+        trainer = Trainer(MICRO_MODEL, TrainConfig(run_dir=str(tmp_path / "run"), data=str(corpus), steps=1,
+                                                   batch_size=2, eval_windows=1))
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        trainer.fit()
+    assert events == ["build", "progress bar"]
+    assert "workbench: compiling the CPU kernels, about a minute, once" in capsys.readouterr().err
+
+
+def test_the_first_setup_says_it_is_installing():
+    """Defect 9: the first `make demo` printed nothing for about 90 s of setup."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("make") is None:
+        pytest.skip("no make here")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(["make", "-n", "-B", "setup"], cwd=root, capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[0].startswith('echo "workbench: installing'), out

@@ -108,8 +108,8 @@ def load_kernel() -> ModuleType | None:
         name = _extension_name()
         build_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
         if not (build_dir / f"{name}.so").exists():
-            print(f"workbench: building the fused CPU kernels in {build_dir} (once per environment, "
-                  "torch version and kernel source, about a minute)", file=sys.stderr, flush=True)
+            print(f"workbench: compiling the CPU kernels, about a minute, once (per environment, torch version "
+                  f"and kernel source; in {build_dir})", file=sys.stderr, flush=True)
         try:
             build_dir.mkdir(parents=True, exist_ok=True)
             # Compile a copy kept in the build folder: its path is the same for every checkout
