@@ -160,3 +160,26 @@ def test_the_first_setup_says_it_is_installing():
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run(["make", "-n", "-B", "setup"], cwd=root, capture_output=True, text=True, check=True).stdout
     assert out.splitlines()[0].startswith('echo "workbench: installing'), out
+
+
+def test_a_finished_run_is_extended_with_resume_and_steps(tmp_path, capsys, monkeypatch):
+    """Defect 11: `workbench train --resume --steps N` refused --steps, so a finished run could not go on."""
+    import json
+
+    import workbench.cli.train as cli_train
+    from tests.train.conftest import MICRO_FLAGS, one_line, run_cli, write_domain_folder
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setattr(cli_train, "summarize", lambda trainer: "summary skipped")  # no matmul peak: fast
+    run = str(tmp_path / "run")
+    corpus = str(write_domain_folder(tmp_path / "corpus"))
+    base = ["train", *MICRO_FLAGS, "--data", corpus, "--run-dir", run, "--no-progress"]
+    assert run_cli(capsys, *base, "--steps", "2", "--eval-every", "2")[0] == 0
+    code, out, err = run_cli(capsys, "train", "--resume", "--run-dir", run, "--no-progress", "--steps", "3")
+    assert code == 0, err
+    assert "resuming" in out and "from step 2 (ckpt-00000002.safetensors), extended to 3 steps" in out
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["train_config"]["steps"] == 3
+    code, _, err = run_cli(capsys, "train", "--resume", "--run-dir", run, "--no-progress", "--steps", "1")
+    assert code == 2 and "steps=1 is invalid: the run is at step 3" in one_line(err)

@@ -121,7 +121,7 @@ def test_resuming_a_corrupt_checkpoint_from_the_cli_is_one_line(run, capsys, no_
 
 
 @pytest.mark.parametrize("flags", [["--preset", "small"], ["--preset", "tiny"], ["--balance", "loss_free"],
-                                   ["--dense"], ["--steps", "8"]])
+                                   ["--dense"], ["--lr", "0.01"]])
 def test_a_flag_that_would_change_the_run_is_refused_on_resume(run, capsys, flags):
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     code, out, err = run_cli(capsys, "train", "--resume", "--run-dir", str(run), "--no-progress", *flags)

@@ -91,7 +91,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="a load-balancing recipe; explicit loss-weight flags override it; one of: "
                         + ", ".join(BALANCE_RECIPES))
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --run-dir exactly (a finished run is left as it is)")
+                   help="continue the run in --run-dir exactly (a finished run is left as it is); with --steps N, "
+                        "extend it to N steps (the learning-rate schedule then runs to step N)")
     p.add_argument("--accept-data-change", action="store_true",
                    help="with --resume: go on although the data differs from what the run trained on (its "
                         "fingerprint in run.json); the change is recorded there")
@@ -246,15 +247,17 @@ def _train(args: argparse.Namespace, prog: str, parallel, configs=None) -> int:
                 usage_error(prog, f"--resume continues a run exactly: {', '.join(refused)} cannot be given (the "
                              f"run records its own); only {', '.join(_RESUME_FLAGS)} may be given")
             run_dir = vars(args).get("run_dir", TrainConfig().run_dir)
-            # the device may change: a run recorded on a GPU goes on here (the function is the same)
-            device = {"device": args.device} if "device" in vars(args) else {}
-            trainer = trainer_cls.resume(run_dir, progress=vars(args).get("progress", True), **device,
+            # the device may change: a run recorded on a GPU goes on here (the function is the same);
+            # --steps extends the run
+            changes = {k: vars(args)[k] for k in ("device", "steps") if k in vars(args)}
+            trainer = trainer_cls.resume(run_dir, progress=vars(args).get("progress", True), **changes,
                                          accept_data_change=args.accept_data_change)
             if trainer.finished:
                 say(f"{run_dir} is finished: step {trainer.step} of {trainer.cfg.steps}, nothing to do and "
                     f"nothing changed (see it with: workbench show {run_dir})")
                 return 0
-            say(f"resuming {run_dir} from step {trainer.step} ({trainer.resumed_from.name})")
+            extended = f", extended to {trainer.cfg.steps} steps" if "steps" in changes else ""
+            say(f"resuming {run_dir} from step {trainer.step} ({trainer.resumed_from.name}){extended}")
         else:
             model_cfg, train_cfg = configs or _checked_flags(args)
             trainer = trainer_cls(model_cfg, train_cfg, overwrite=args.overwrite)
@@ -298,14 +301,14 @@ def _train(args: argparse.Namespace, prog: str, parallel, configs=None) -> int:
 
 
 # What --resume accepts: where the run is and how this process runs it, never what it computes.
-_RESUME_FLAGS = ("--run-dir", "--device", "--no-progress", "--expert-parallel", "--collective-timeout",
+_RESUME_FLAGS = ("--run-dir", "--device", "--no-progress", "--steps", "--expert-parallel", "--collective-timeout",
                  "--accept-data-change")
 
 
 def _refused_on_resume(args: argparse.Namespace) -> list[str]:
     """The flags given with --resume that would change the run (its model, data or training)."""
     given_fields = {**given(args, ModelConfig), **given(args, MoEConfig), **given(args, TrainConfig)}
-    names = [k for k in given_fields if k not in ("run_dir", "progress", "device")]
+    names = [k for k in given_fields if k not in ("run_dir", "progress", "device", "steps")]
     names += [k for k in ("preset", "balance") if getattr(args, k, None) is not None]
     names += [k for k in ("dense", "overwrite") if getattr(args, k, False)]
     return ["--" + name.replace("_", "-") for name in names]

@@ -385,7 +385,8 @@ def _check_shapes(path: Path, model_config: dict[str, Any], model_state: dict[st
 
 # Settings that may differ between a run's checkpoints: where the run lives, how it shows progress,
 # and the device it runs on (a resume may move it: Trainer.resume(device=...)).
-_PER_PROCESS = ("run_dir", "progress", "device")
+# what a resume may change: how this process runs the run, and its length (--resume --steps N)
+_PER_PROCESS = ("run_dir", "progress", "device", "steps")
 
 
 def config_difference(ckpt: Checkpoint, run: dict[str, Any]) -> str | None:

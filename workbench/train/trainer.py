@@ -296,9 +296,11 @@ class Trainer:
         data and records the change in ``run.json`` (``data_changes``).
 
         Only settings that do not change the function trained may be overridden: ``progress``, and
-        ``device`` (a run recorded on a GPU can go on on a CPU; bit for bit only on the same device).
+        ``device`` (a run recorded on a GPU can go on on a CPU; bit for bit only on the same device);
+        and ``steps``, which extends the run (a finished one too): the learning-rate schedule then
+        runs to the new last step from where the run is.
         """
-        allowed = {"progress", "device"}
+        allowed = {"progress", "device", "steps"}
         if set(overrides) - allowed:
             raise ValueError(f"cannot override {sorted(set(overrides) - allowed)} when resuming; "
                              f"allowed: {sorted(allowed)}")
@@ -314,6 +316,9 @@ class Trainer:
             why = f": {'; '.join(skipped)}" if skipped else ""
             raise CheckpointError(f"no readable checkpoint in {run_dir} to resume from{why}")
         cfg = TrainConfig.from_dict({**ckpt.train_config, "run_dir": str(run_dir), **overrides})
+        if cfg.steps < ckpt.step:
+            raise ValueError(f"steps={cfg.steps} is invalid: the run is at step {ckpt.step} ({ckpt.path.name}); "
+                             "a resume can extend a run, not shorten it")
         if "device" not in overrides:  # the device the run recorded may not exist here: say how to go on
             try:
                 resolve_device(cfg.device)
@@ -334,8 +339,8 @@ class Trainer:
         trainer.history = [r for r in trainer.metrics_log.read() if r.get("step", 0) <= ckpt.step]
         trainer.resumed_from = ckpt.path
         trainer.run_info = run_info
-        if run_info is not None and "device" in overrides:  # where the run goes on, as show reports it
-            run_info["train_config"] = {**run_info["train_config"], "device": cfg.device}
+        if run_info is not None and overrides.keys() & {"device", "steps"}:  # as show reports it
+            run_info["train_config"] = {**run_info["train_config"], "device": cfg.device, "steps": cfg.steps}
         if not trainer.finished:  # a finished run trains nothing: its data does not matter
             trainer._check_same_data(accept_data_change)
         return trainer
