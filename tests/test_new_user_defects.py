@@ -183,3 +183,20 @@ def test_a_finished_run_is_extended_with_resume_and_steps(tmp_path, capsys, monk
     assert json.loads((tmp_path / "run" / "run.json").read_text())["train_config"]["steps"] == 3
     code, _, err = run_cli(capsys, "train", "--resume", "--run-dir", run, "--no-progress", "--steps", "1")
     assert code == 2 and "steps=1 is invalid: the run is at step 3" in one_line(err)
+
+
+def test_the_missing_validation_warning_gives_the_summarys_reason(tmp_path):
+    """Defect 11: the tiny-corpus warning blamed "too little validation text" where the summary said
+    that no document was held out for validation: one reason, the same in both."""
+    from workbench.data import LMData, load_text_corpus
+
+    for domain, files in (("many", 6), ("one", 1)):
+        (tmp_path / domain).mkdir()
+        for i in range(files):
+            (tmp_path / domain / f"{i}.txt").write_text(f"document {i} of {domain}. " * 40)
+    with pytest.warns(UserWarning) as caught:
+        data = LMData(load_text_corpus(tmp_path), seq_len=16, batch_size=2, val_fraction=0.3)
+    assert set(data.val_missing) == {"one"}
+    assert "no document was held out for validation" in data.val_missing["one"]  # what the summary prints
+    text = " ".join(str(w.message) for w in caught if "validation window" in str(w.message))
+    assert f"one: {data.val_missing['one']}" in text

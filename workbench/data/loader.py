@@ -148,8 +148,10 @@ class LMData:
         self._val_starts = {d: self._val_window_starts(i) for i, d in enumerate(self.domains)}
         self.val_missing = self._val_missing_reasons()
         if self.val_missing and val_fraction > 0 and val_windows_per_domain > 0:
-            warnings.warn(f"no validation window of {seq_len + 1} tokens for domain(s) {list(self.val_missing)}: "
-                          "they have too little validation text and are left out of val_batches()", stacklevel=2)
+            # each domain's own reason, the one the end-of-run summary gives for its missing loss
+            why = "; ".join(f"{d}: {reason}" for d, reason in self.val_missing.items())
+            warnings.warn(f"no validation window of {seq_len + 1} tokens for domain(s) {list(self.val_missing)}, "
+                          f"left out of val_batches() ({why})", stacklevel=2)
 
     def _val_missing_reasons(self) -> dict[str, str]:
         """Why each domain without a validation window has none (domain -> one clause)."""
