@@ -200,3 +200,22 @@ def test_the_missing_validation_warning_gives_the_summarys_reason(tmp_path):
     assert "no document was held out for validation" in data.val_missing["one"]  # what the summary prints
     text = " ".join(str(w.message) for w in caught if "validation window" in str(w.message))
     assert f"one: {data.val_missing['one']}" in text
+
+
+def test_show_opens_a_sweeps_results_folder(tmp_path, capsys):
+    """Defect 11: `workbench show` on a sweep's results folder said it held no run.json: a sweep's runs
+    train in temporary folders, so its tables are what show gives."""
+    import gzip
+    import json
+
+    from tests.train.conftest import run_cli
+
+    (tmp_path / "runs.csv").write_text("name,seed,val_loss,max_vio_global,tokens_per_s,diverged\n"
+                                       "aux,0,2.5,0.4,1000,\naux,1,2.7,0.6,1200,\nfree,0,2.6,0.3,1100,\n")
+    (tmp_path / "details.json.gz").write_bytes(gzip.compress(b"[]"))
+    code, out, err = run_cli(capsys, "show", str(tmp_path))
+    assert code == 0, err
+    assert out.splitlines()[0] == f"sweep results in {tmp_path}: 3 runs of 2 experiments"
+    assert "aux" in out and "2.6000 ± 0.1414" in out and "Results.load(" in out
+    code, out, _ = run_cli(capsys, "show", str(tmp_path), "--json")
+    assert code == 0 and [r["name"] for r in json.loads(out)] == ["aux", "aux", "free"]

@@ -772,14 +772,16 @@ def _check_types(where: str, cls: type, values: Mapping[str, Any]) -> None:
         check(ok, f"{where}.{name}", f"must be {words} ({cls.__name__}.{name})", value)
 
 
-def summary_table(results: Results) -> str:
-    """One line per experiment: seeds, validation loss and global MaxVio (mean ± std), tokens/s."""
+def summary_table(results: Results | Any) -> str:
+    """One line per experiment: seeds, validation loss and global MaxVio (mean ± std), tokens/s.
+    ``results``: a ``Results``, or its ``runs`` table (runs.csv, read back)."""
+    runs = getattr(results, "runs", results)
     lines = [f"{'experiment':<32} {'seeds':>5}  {'val loss':>17}  {'global MaxVio':>15}  {'tokens/s':>9}"]
     def mean_std(values: Any, digits: int) -> str:
         mean, std = values.mean(), values.std()
         return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std == std else "")
 
-    for name, rows in results.runs.groupby("name", sort=False):
+    for name, rows in runs.groupby("name", sort=False):
         lines.append(f"{name:<32} {len(rows):>5}  {mean_std(rows['val_loss'], 4):>17}  "
                      f"{mean_std(rows['max_vio_global'], 3):>15}  {rows['tokens_per_s'].median():>9,.0f}")
     return "\n".join(lines)

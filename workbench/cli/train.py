@@ -399,11 +399,15 @@ def _add_show(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_show(args: argparse.Namespace) -> int:
-    from workbench.train.show import describe_run, format_run
+    from workbench.train.show import describe_run, describe_sweep, format_run, is_sweep_folder, sweep_runs
 
     try:
+        if is_sweep_folder(args.run_dir):  # a sweep's results folder: its table of runs
+            print(sweep_runs(args.run_dir).to_json(orient="records", indent=2) if args.json
+                  else describe_sweep(args.run_dir))
+            return 0
         info = describe_run(args.run_dir)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, ImportError) as err:
         usage_error("workbench show", str(err))
     print(json.dumps(info, indent=2, allow_nan=False) if args.json else format_run(info))
     return 0

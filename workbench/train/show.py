@@ -125,6 +125,36 @@ def _model_non_defaults(model_cfg: dict[str, Any]) -> tuple[str | None, dict[str
     return best
 
 
+def is_sweep_folder(folder: str | Path) -> bool:
+    """A sweep's results folder (``workbench sweep --out``, ``Results.save``), not a run directory."""
+    folder = Path(folder)
+    return (folder / "runs.csv").is_file() and (folder / "details.json.gz").is_file() and not (
+        folder / RUN_FILE).exists()
+
+
+def sweep_runs(folder: str | Path) -> Any:
+    """A sweep results folder's table of runs (runs.csv; pandas), one row per run."""
+    from workbench.experiments import _require
+
+    return _require("pandas").read_csv(Path(folder) / "runs.csv")
+
+
+def describe_sweep(folder: str | Path) -> str:
+    """What ``workbench show`` prints for a sweep's results folder: its runs train in temporary folders
+    (the cache keeps their tables, not checkpoints), so the folder's tables are what there is to show."""
+    from workbench.experiments import summary_table
+
+    folder = Path(folder)
+    runs = sweep_runs(folder)
+    diverged = runs[runs["diverged"].notna()] if "diverged" in runs else runs.iloc[:0]
+    lines = [f"sweep results in {folder}: {len(runs)} runs of {runs['name'].nunique()} experiments"
+             + (f", {len(diverged)} diverged" if len(diverged) else ""),
+             summary_table(runs),
+             "its runs trained in temporary folders (the sweep keeps their tables, not run directories): "
+             f"workbench.experiments.Results.load({str(folder)!r}) has every step, evaluation and routing count"]
+    return "\n".join(lines)
+
+
 def describe_run(run_dir: str | Path) -> dict[str, Any]:
     """The facts ``workbench show`` prints, as a JSON-ready dict; ``ValueError`` if ``run_dir`` is
     not a run directory."""
