@@ -15,6 +15,7 @@ def train_on_the_cli(ctx: ParallelContext, argv: list[str]) -> dict[str, Any]:
     import contextlib
     import io
     import json
+    import sys
     from pathlib import Path
 
     import workbench.bench.peak as peak
@@ -22,6 +23,7 @@ def train_on_the_cli(ctx: ParallelContext, argv: list[str]) -> dict[str, Any]:
     from workbench.cli.train import _train
 
     peak.measure_matmul_peak = lambda *a, **k: PEAK_PER_RANK * (ctx.rank + 1)
+    sys.modules["workbench.viz"] = None  # no report.png: the summary skips it (matplotlib takes seconds)
     args = build_parser().parse_args(["train", *argv])
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

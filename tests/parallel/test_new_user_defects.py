@@ -17,8 +17,8 @@ def ep2_run(tmp_path_factory):
     """A 2-rank expert-parallel CLI run with no --grad-accum (the default was 1: refused on 2 ranks)."""
     root = tmp_path_factory.mktemp("ep2")
     corpus = write_domain_folder(root / "corpus")
-    argv = [*MICRO_FLAGS, "--data", str(corpus), "--run-dir", str(root / "run"), "--steps", "2",
-            "--eval-every", "2", "--no-progress", "--expert-parallel", "2"]
+    argv = [*MICRO_FLAGS, "--data", str(corpus), "--run-dir", str(root / "run"), "--steps", "1",
+            "--eval-windows", "1", "--no-progress", "--expert-parallel", "2"]
     return run_local(train_on_the_cli, nprocs=2, args=(argv,), expert_parallel=2, timeout_s=120)
 
 

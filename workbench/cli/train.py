@@ -459,7 +459,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as err:
         usage_error(prog, str(err))
     print(summary_table(results))
-    print(f"wrote {out}/runs.csv, evals.csv, steps.csv.gz, details.json.gz")
+    print(f"wrote {out}/runs.csv, evals.csv, steps.csv.gz, details.json.gz (see them with: workbench show {out})")
     diverged = results.runs[results.runs["diverged"].notna()]
     if len(diverged):  # recorded like the others; the exit status says so, as train's does
         print(f"{prog}: {len(diverged)} of {len(results.runs)} runs diverged: "
