@@ -73,8 +73,9 @@ bit for bit from its newest good checkpoint; see a run with `workbench show RUN_
 
 Several processes: torchrun --nproc-per-node N -m workbench train ... --expert-parallel P
 splits every MoE layer's experts over P ranks (all-to-all of tokens) and shares each step's
-micro-batches out over the N ranks (--grad-accum a multiple of N; data parallel over N / P
-copies of the experts). Checkpoints keep the one-process layout: any number of ranks resumes them.
+micro-batches out over the N ranks (--grad-accum a multiple of N, by default N; data parallel over
+N / P copies of the experts). Checkpoints keep the one-process layout: any number of ranks resumes
+them.
 
 Exit status: 0 done (or already finished), 1 training diverged (the last good checkpoint is
 kept), 2 a bad value or any other fault (one line on stderr), 130 interrupted by Ctrl-C,
