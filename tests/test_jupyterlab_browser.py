@@ -30,6 +30,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -100,13 +101,15 @@ def _free_port() -> int:
 
 
 def _stop(proc: subprocess.Popen) -> None:
+    """Terminate the server (it shuts its kernels down), then kill whatever of its process group is
+    left, the server itself on a timeout and any kernel (the server runs in a session of its own)."""
     if proc.poll() is None:
         proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=20)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +131,8 @@ def lab():
          f"--ServerApp.root_dir={NOTEBOOK_DIR}", f"--config={tmp / 'jupyter_server_config.py'}",
          "--LabApp.expose_app_in_browser=True", "--LabApp.extension_manager=readonly",
          f"--LabApp.user_settings_dir={tmp / 'settings'}", f"--LabApp.workspaces_dir={tmp / 'workspaces'}"],
-        cwd=NOTEBOOK_DIR, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        cwd=NOTEBOOK_DIR, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + SERVER_START_S
