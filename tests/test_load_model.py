@@ -16,7 +16,7 @@ import workbench
 from workbench.model import MoELM
 from workbench.train import CheckpointError, TrainConfig, Trainer
 
-SMALL = {"eval_windows": 1, "max_bytes_per_domain": 60_000, "progress": False, "wandb_project": "test"}
+SMALL = {"batch_size": 4, "eval_windows": 1, "max_bytes_per_domain": 60_000, "progress": False}
 
 
 @pytest.fixture(scope="module")
