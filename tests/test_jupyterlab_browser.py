@@ -48,7 +48,7 @@ SHOTS = ROOT / "runs" / "browser"
 CHROMIUM = Path(os.environ.get("WORKBENCH_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
-RUN_TIMEOUT_S = float(os.environ.get("BROWSER_NOTEBOOK_TIMEOUT", "420"))  # one Run All, smoke mode: 1-3 min on 2 cores
+RUN_TIMEOUT_S = float(os.environ.get("BROWSER_NOTEBOOK_TIMEOUT", "600"))  # one Run All, smoke: 1-5 min, 2 shared cores
 SERVER_START_S = 120
 MAX_SHOT_HEIGHT = 30000  # px; a longer notebook is cut at the bottom
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
