@@ -17,7 +17,7 @@ from typing import ClassVar
 from workbench.moe.balance import AUX_LOSS_SCOPES, BALANCE_LOSSES, BIAS_UPDATE_RULES
 from workbench.moe.dispatch import CAPACITY_SCOPES, DISPATCHES, DROP_POLICIES
 from workbench.moe.routers import ROUTERS, router_class
-from workbench.validation import check, check_choice, check_int
+from workbench.validation import check, check_choice, check_int, check_real, is_real
 
 EXPERT_CHOICE_EVAL = ("expert_choice", "token_choice")
 
@@ -101,12 +101,11 @@ class MoEConfig:
         check(self.normalize_topk in (None, True, False), "normalize_topk", "must be True, False or None",
               self.normalize_topk)
         if self.capacity_factor is not None:
-            check(_is_real(self.capacity_factor) and math.isfinite(self.capacity_factor) and self.capacity_factor > 0,
+            check(is_real(self.capacity_factor) and math.isfinite(self.capacity_factor) and self.capacity_factor > 0,
                   "capacity_factor", "must be a finite number > 0, or None to never drop", self.capacity_factor)
-        check(_is_real(self.router_jitter) and 0 <= self.router_jitter < 1, "router_jitter", "must be in [0, 1)",
+        check(is_real(self.router_jitter) and 0 <= self.router_jitter < 1, "router_jitter", "must be in [0, 1)",
               self.router_jitter)
-        check(_is_real(self.route_scale) and math.isfinite(self.route_scale) and self.route_scale > 0,
-              "route_scale", "must be a finite number > 0", self.route_scale)
+        check_real("route_scale", self.route_scale, 0, above=True)
         check(self.num_experts % self.num_groups == 0, "num_groups", f"must divide num_experts={self.num_experts}",
               self.num_groups)
         check(self.topk_groups <= self.num_groups, "topk_groups",
@@ -125,11 +124,9 @@ class MoEConfig:
               "gates the shared expert, so it needs num_shared_experts >= 1", self.shared_expert_gate)
 
         for name in ("aux_loss_weight", "seq_aux_loss_weight", "z_loss_weight", "bias_update_rate"):
-            value = getattr(self, name)
-            check(_is_real(value) and math.isfinite(value) and value >= 0, name, "must be a finite number >= 0",
-                  value)
+            check_real(name, getattr(self, name), 0)
         if self.expert_choice_capacity is not None:
-            check(_is_real(self.expert_choice_capacity) and 0 < self.expert_choice_capacity <= self.num_experts,
+            check(is_real(self.expert_choice_capacity) and 0 < self.expert_choice_capacity <= self.num_experts,
                   "expert_choice_capacity", f"must be None or in (0, num_experts={self.num_experts}]",
                   self.expert_choice_capacity)
         router_class(self.router).check_config(self.router, self)
@@ -149,7 +146,3 @@ class MoEConfig:
         if self.num_shared_experts == 0:
             return 0
         return self.shared_expert_hidden or self.num_shared_experts * self.expert_hidden
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
