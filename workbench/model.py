@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,9 @@ from torch import nn
 from workbench.config import ModelConfig
 from workbench.kernels.cpu import convert_if_enabled
 from workbench.moe import MoELayer, RoutingInfo, SwiGLUExperts, SwiGLUMLP
+
+if TYPE_CHECKING:
+    from workbench.inference.cache import KVCache, LayerKV
 
 
 @dataclass
@@ -54,12 +58,19 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        S = x_BSD.shape[1]
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv: LayerKV | None = None) -> torch.Tensor:
+        """cos, sin: the rotary tables at the tokens' positions, (S, d/2), or (B, 1, S, d/2) in a
+        cached step. ``kv``: this layer's part of a ``KVCache`` (generation); the step's keys and
+        values are written into it and the queries attend over all its slots with its mask."""
         q, k, v = rearrange(self.qkv(x_BSD), "B S (qkv h d) -> qkv B h S d", qkv=3, h=self.n_heads)
-        q, k = apply_rotary(q, cos[:S], sin[:S]), apply_rotary(k, cos[:S], sin[:S])
-        y_BhSd = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                dropout_p=self.dropout if self.training else 0.0)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv is None:
+            y_BhSd = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                    dropout_p=self.dropout if self.training else 0.0)
+        else:
+            keys, values = kv.store(k, v)
+            y_BhSd = F.scaled_dot_product_attention(q, keys, values, attn_mask=kv.cache.mask_B1SW)
         return self.out(rearrange(y_BhSd, "B h S d -> B S (h d)"))
 
 
@@ -74,10 +85,11 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, tokens: torch.Tensor,
-                padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, RoutingInfo | None]:
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin))
+                padding_mask: torch.Tensor | None, kv: LayerKV | None = None) -> tuple[torch.Tensor, RoutingInfo | None]:
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, kv))
         if self.is_moe:
-            ffn_out, routing = self.ffn(self.ffn_norm(x), tokens, padding_mask)
+            # a cached step is inference: the dropless dispatch, no balancing losses
+            ffn_out, routing = self.ffn(self.ffn_norm(x), tokens, padding_mask, inference=kv is not None)
         else:
             ffn_out, routing = self.ffn(self.ffn_norm(x)), None
         return x + self.drop(ffn_out), routing
@@ -167,9 +179,10 @@ class MoELM(nn.Module):
         padding_mask: (B, S) bool, True for real tokens; padding is left out of the balancing losses."""
         self._check_inputs(tokens, targets, padding_mask)
         x = self.embed(tokens)
+        S = tokens.shape[1]
         routing: list[RoutingInfo] = []
         for block in self.blocks:
-            x, info = block(x, self.rope_cos, self.rope_sin, tokens, padding_mask)
+            x, info = block(x, self.rope_cos[:S], self.rope_sin[:S], tokens, padding_mask)
             if info is not None:
                 routing.append(info)
         logits = self.lm_head(self.norm(x))
@@ -180,6 +193,25 @@ class MoELM(nn.Module):
             return ModelOutput(None, logits, aux_loss, routing)
         lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return ModelOutput(lm_loss + aux_loss, logits, aux_loss, routing, lm_loss)
+
+    @torch.no_grad()  # inference only: the cache buffers hold no graph
+    def forward_cached(self, tokens: torch.Tensor, cache: KVCache,
+                       padding_mask: torch.Tensor | None = None) -> ModelOutput:
+        """One generation step: the logits of ``tokens`` (B, S) given everything ``cache`` holds,
+        whose keys and values it then holds too. The prefill passes the (left-padded) prompts and
+        their ``padding_mask``; a decode step passes one token per sequence. Equal to ``forward``
+        of the whole text at the same positions (tests/inference), in evaluation mode, with the
+        MoE layers' dropless dispatch and no balancing losses (``MoELayer.forward(inference=True)``).
+        ``workbench.inference.generate`` drives it."""
+        cos, sin = cache.begin_step(tokens.shape[1], padding_mask)
+        x = self.embed(tokens)
+        routing: list[RoutingInfo] = []
+        for block, kv in zip(self.blocks, cache.layers, strict=True):
+            x, info = block(x, cos, sin, tokens, padding_mask, kv)
+            if info is not None:
+                routing.append(info)
+        logits = self.lm_head(self.norm(x))
+        return ModelOutput(None, logits, logits.new_zeros((), dtype=torch.float32), routing)
 
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if b.is_moe]

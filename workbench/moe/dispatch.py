@@ -337,3 +337,20 @@ def build_dispatch(cfg: MoEConfig, mixes_tokens: bool = False) -> Dispatch:
         return partial(capacity_dispatch, capacity_factor=cfg.capacity_factor, drop_policy=cfg.drop_policy,
                        capacity_scope=cfg.capacity_scope)
     return dispatch
+
+
+def dropless_form(dispatch: Dispatch) -> Dispatch:
+    """The same dispatch with nothing dropped: what generation runs (``MoELayer.forward(...,
+    inference=True)``). A capacity dispatch gets ``capacity_factor=None`` (C = T, batch scope);
+    every other dispatch never drops and is returned as it is.
+
+    Why decode is dropless: capacity is a training-time device for fixed shapes, and its slots
+    count the tokens of a batch (or of a whole sequence), which a decode step does not hold,
+    since the rest of the text does not exist yet. Dropping at inference only removes expert
+    outputs; the capacity knob of ``workbench.analysis.inference`` measures what that costs.
+    """
+    if isinstance(dispatch, partial) and dispatch.func is capacity_dispatch:
+        return partial(capacity_dispatch, capacity_factor=None, drop_policy=dispatch.keywords["drop_policy"],
+                       capacity_scope="batch")
+    return dispatch
+

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from workbench.moe import balance
-from workbench.moe.dispatch import build_dispatch
+from workbench.moe.dispatch import build_dispatch, dropless_form
 from workbench.moe.experts import SwiGLUExperts, SwiGLUMLP
 from workbench.moe.routers import build_router
 from workbench.moe.types import RouterOutput, RoutingInfo
@@ -72,18 +72,26 @@ class MoELayer(nn.Module):
                              persistent=False)
 
     def forward(self, x_BSD: torch.Tensor, token_ids_BS: torch.Tensor | None = None,
-                padding_mask_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, RoutingInfo]:
+                padding_mask_BS: torch.Tensor | None = None, *,
+                inference: bool = False) -> tuple[torch.Tensor, RoutingInfo]:
+        """``inference=True`` (generation, ``MoELM.forward_cached``): the dispatch's dropless form
+        (``dispatch.dropless_form``), no balancing losses (``RoutingInfo.losses`` is empty) and no
+        training counters, so a decode step does only the work of the function."""
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         token_ids_T = None if token_ids_BS is None else token_ids_BS.reshape(-1)
         routing = self.router(x_TD, token_ids_T)
-        y_TD, stats = self.dispatch(x_TD, routing, self.experts, batch_shape=(B, S), padding_mask_BS=padding_mask_BS)
+        dispatch = dropless_form(self.dispatch) if inference else self.dispatch
+        y_TD, stats = dispatch(x_TD, routing, self.experts, batch_shape=(B, S), padding_mask_BS=padding_mask_BS)
 
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)
             if self.shared_gate is not None:
                 shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD))
             y_TD = y_TD + shared_TD
+
+        if inference:
+            return y_TD.view(B, S, D), RoutingInfo(routing, stats, {}, routing.logits_TE.new_zeros(()), (B, S))
 
         if self.training and self.cfg.bias_update_rate > 0:
             self.load_since_update += stats.tokens_per_expert.to(self.load_since_update.dtype)

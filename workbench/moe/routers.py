@@ -176,6 +176,16 @@ class Router(nn.Module):
                   "(it compares or mixes tokens across the sequence), so per-sequence capacity cannot make it so: "
                   "leave it 'batch'", cfg.capacity_scope)
 
+    @classmethod
+    def decode_refusal(cls, cfg: MoEConfig) -> str | None:
+        """Why this router cannot generate token by token with a KV cache, or None when it can.
+
+        Decoding routes each new token alone, so it reproduces the full forward's routing only
+        where a token's experts depend on that token (and the layer's fixed state) alone. Every
+        token-choice router does, in evaluation mode (``workbench.generate``).
+        """
+        return None
+
     # --- the module -------------------------------------------------------------------------
     def __init__(self, d_model: int, cfg: MoEConfig):
         super().__init__()
@@ -391,6 +401,13 @@ class ExpertChoiceRouter(Router):
         _warn_causal_leak("expert_choice", "each expert picks its top-C tokens among all tokens of the batch",
                           "evaluate with token choice (MoEConfig.expert_choice_eval='token_choice')")
 
+    @classmethod
+    def decode_refusal(cls, cfg):
+        if cfg.expert_choice_eval == "token_choice":
+            return None  # its causal evaluation form: top-k over the same scores
+        return ("each expert picks its top-C tokens among all tokens of the batch, so a token's experts depend on "
+                "tokens not generated yet; evaluate causally with expert_choice_eval='token_choice'")
+
     def capacity(self, num_tokens: int) -> int:
         """C = ceil(c * T / E), at least 1 and at most T."""
         return min(num_tokens, max(1, math.ceil(self.capacity_factor * num_tokens / self.num_experts)))
@@ -529,6 +546,11 @@ class SoftMoERouter(Router):
     default_normalize_topk = None
 
     @classmethod
+    def decode_refusal(cls, cfg):
+        return ("every slot is a weighted average of all tokens of the sequence, later ones included, so there is "
+                "no token-by-token form of it")
+
+    @classmethod
     def gate_rows(cls, cfg):
         return cfg.num_experts * cfg.soft_slots_per_expert
 
@@ -609,6 +631,11 @@ class UniformRouter(SoftmaxGatedRouter):
     gate still runs, so FLOPs match a learned router, and its probabilities are the gates.
     """
 
+    @classmethod
+    def decode_refusal(cls, cfg):
+        return ("it assigns experts by a token's index in the batch (round-robin), not by the token, so a decode "
+                "step of one token per sequence cannot reproduce the routing of the full forward")
+
     def select(self, logits_TE, probs_TE, token_ids_T):
         T, E = probs_TE.shape
         pairs_TK = torch.arange(T * self.top_k, device=probs_TE.device).view(T, self.top_k)
@@ -619,6 +646,11 @@ class RandomRouter(SoftmaxGatedRouter):
     """A baseline: K distinct experts drawn uniformly at random for every token, at every forward
     (training and evaluation), from torch's global generator. As for ``uniform``, the linear gate
     runs and its probabilities are the gates."""
+
+    @classmethod
+    def decode_refusal(cls, cfg):
+        return ("it draws new experts for every token at every forward, so the routing kept in a KV cache and that "
+                "of a recomputed prefix differ: a cached decode has no reference to equal")
 
     def select(self, logits_TE, probs_TE, token_ids_T):
         # the top-k of i.i.d. uniform keys is a uniformly random k-subset
