@@ -151,7 +151,7 @@ def left_pad(prompt_tokens: list[list[int]], device: torch.device) -> tuple[torc
 def stream_generate(model: torch.nn.Module, prompts: Prompt | Sequence[Prompt], max_new_tokens: int, *,
                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                     stop: str | int | None = None, seed: int | None = None, window: int | None = None,
-                    record_routing: bool = True) -> Iterator[GenerationStep]:
+                    record_routing: bool = True, use_cache: bool = True) -> Iterator[GenerationStep]:
     """``generate`` one step at a time: yields a ``GenerationStep`` per generated token and returns
     (``StopIteration.value``) the ``GenerationResult``. See ``generate`` for the arguments."""
     cfg = model.cfg
@@ -172,6 +172,7 @@ def stream_generate(model: torch.nn.Module, prompts: Prompt | Sequence[Prompt], 
         check(isinstance(window, int) and not isinstance(window, bool) and P <= window <= cfg.seq_len, "window",
               f"must be an integer between the longest prompt ({P} tokens) and the model's context "
               f"seq_len={cfg.seq_len}", window)
+    check(use_cache or window is None, "window", "needs use_cache=True (the recompute baseline has no ring)", window)
     if (reason := decode_refusal(model)) is not None:
         raise DecodeRefused(reason)
 
@@ -181,6 +182,7 @@ def stream_generate(model: torch.nn.Module, prompts: Prompt | Sequence[Prompt], 
     cache = KVCache(model, B, P + max_new_tokens if window is None else window, window=window,
                     max_positions=P + max_new_tokens)
     tokens_BP, real_BP = left_pad(prompt_tokens, device)
+    prompt_real_BP = real_BP
     was_training = model.training
     model.eval()
     steps: list[list] = []  # per fed step: [(expert_ids_TK, gates_TK, scores_TE) per MoE layer]
@@ -204,7 +206,19 @@ def stream_generate(model: torch.nn.Module, prompts: Prompt | Sequence[Prompt], 
             last = index == max_new_tokens - 1 or all(finished)
             if record_routing or not last:
                 with torch.inference_mode():
-                    out = model.forward_cached(next_B[:, None], cache)
+                    if use_cache:
+                        out = model.forward_cached(next_B[:, None], cache)
+                    else:  # the baseline: every token so far through a fresh cache
+                        tokens_BP = torch.cat([tokens_BP, next_B[:, None]], dim=1)
+                        real_BP = torch.cat([real_BP, real_BP.new_ones(B, 1)], dim=1)
+                        cache = KVCache(model, B, tokens_BP.shape[1], max_positions=tokens_BP.shape[1])
+                        out = model.forward_cached(tokens_BP, cache, None if bool(real_BP.all()) else real_BP)
+                        if record_routing:  # keep the last token's routing only, as a cached step records it
+                            for info in out.routing:
+                                ro = info.router_output
+                                ro.expert_ids_TK, ro.weights_TK, ro.scores_TE = (
+                                    t.view(B, -1, t.shape[-1])[:, -1] for t in (ro.expert_ids_TK, ro.weights_TK,
+                                                                                 ro.scores_TE))
                 logits_BV = out.logits[:, -1]
                 if record_routing:
                     steps.append(_routing_of(out))
@@ -218,14 +232,14 @@ def stream_generate(model: torch.nn.Module, prompts: Prompt | Sequence[Prompt], 
     stopped = [stop_id is not None and bool(ids) and ids[-1] == stop_id for ids in new_tokens]
     result = GenerationResult(prompt_tokens, new_tokens, stopped)
     if record_routing:
-        result.routing = _aligned_routing(model, steps, real_BP.cpu(), [len(t) for t in result.tokens])
+        result.routing = _aligned_routing(model, steps, prompt_real_BP.cpu(), [len(t) for t in result.tokens])
     return result
 
 
 def generate(model: torch.nn.Module, prompts: Prompt | Sequence[Prompt], max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              stop: str | int | None = None, seed: int | None = None, window: int | None = None,
-             record_routing: bool = True) -> GenerationResult:
+             record_routing: bool = True, use_cache: bool = True) -> GenerationResult:
     """Continue each prompt by up to ``max_new_tokens`` tokens.
 
     prompts: a str (UTF-8 bytes), bytes or list of token ids, or a list of them (one batch).
@@ -235,12 +249,15 @@ def generate(model: torch.nn.Module, prompts: Prompt | Sequence[Prompt], max_new
     window: a sliding attention window of that many tokens (at most ``seq_len``), to generate
     past the context; without one, prompt + new tokens must fit in ``seq_len``.
     record_routing: the experts, gates and scores of every token in every MoE layer.
+    use_cache: False recomputes the whole prefix at every step (a fresh cache, prefilled with all
+    tokens so far): the baseline of ``workbench bench generate`` and of the determinism check.
 
     ``ValueError`` naming the argument for a bad value; ``DecodeRefused`` for a router that cannot
     decode token by token.
     """
     steps = stream_generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            stop=stop, seed=seed, window=window, record_routing=record_routing)
+                            stop=stop, seed=seed, window=window, record_routing=record_routing,
+                            use_cache=use_cache)
     while True:
         try:
             next(steps)
