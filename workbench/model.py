@@ -85,7 +85,8 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, tokens: torch.Tensor,
-                padding_mask: torch.Tensor | None, kv: LayerKV | None = None) -> tuple[torch.Tensor, RoutingInfo | None]:
+                padding_mask: torch.Tensor | None,
+                kv: LayerKV | None = None) -> tuple[torch.Tensor, RoutingInfo | None]:
         x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, kv))
         if self.is_moe:
             # a cached step is inference: the dropless dispatch, no balancing losses

@@ -92,12 +92,13 @@ class GenerationResult:
     @property
     def texts(self) -> list[str]:
         """The generated text of each sequence, without its stop byte."""
-        return [_TOKENIZER.decode(new[:-1] if stop else new) for new, stop in zip(self.new_tokens, self.stopped)]
+        return [_TOKENIZER.decode(new[:-1] if stop else new)
+                for new, stop in zip(self.new_tokens, self.stopped, strict=True)]
 
     @property
     def tokens(self) -> list[list[int]]:
         """Prompt and generated ids of each sequence: what ``routing`` is aligned with."""
-        return [p + n for p, n in zip(self.prompt_tokens, self.new_tokens)]
+        return [p + n for p, n in zip(self.prompt_tokens, self.new_tokens, strict=True)]
 
 
 def encode_prompts(prompts: Prompt | Sequence[Prompt], vocab_size: int) -> list[list[int]]:

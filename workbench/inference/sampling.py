@@ -38,8 +38,8 @@ class SamplingConfig:
             check(isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= 1, "top_k",
                   "must be an integer >= 1, or None to keep every token", self.top_k)
         if self.top_p is not None:
-            check(is_real(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1], or None to keep every token",
-                  self.top_p)
+            check(is_real(self.top_p) and 0 < self.top_p <= 1, "top_p",
+                  "must be in (0, 1], or None to keep every token", self.top_p)
 
     @property
     def greedy(self) -> bool:
