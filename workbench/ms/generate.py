@@ -41,8 +41,9 @@ order; measured on the tiny preset, see ``tests/ms/test_generate.py``), and the 
 where the top-2 gap is at most twice the largest difference; 1e-4 leaves a margin of more than 10x
 over that, while a wrong weight moves logits by far more (1e-3 and up), so a divergence it causes
 is no near tie. ``max_logit_diff`` is the largest |ms - torch| logit difference over the steps
-whose inputs are the same in both frameworks: every step up to and including the first divergent
-one (step j's logits are computed from the prompt and tokens 0..j-1, which agree).
+before the first divergence (all steps when there is none), and ``diff_at_divergence`` that of the
+divergent step itself: its inputs (the prompt and the tokens before it) are still the same in both
+frameworks, so its difference says whether rounding or a real difference flipped the argmax.
 
 Shape legend: B sequences, P longest prompt, S new tokens of a step, W cache slots, D model dim,
 h heads, d head dim, V vocabulary, L layers, T = B*S tokens, N generated steps.
@@ -317,8 +318,9 @@ class PromptParity:
     ms_tokens: list[int]
     first_divergence: int | None  # the first step whose tokens differ; None: all equal
     top2_gap: float | None  # PyTorch's top-2 logit gap at that step; None: no divergence
-    max_logit_diff: float  # max |ms - torch| over the steps with the same inputs (up to the divergence, included)
-    min_top2_gap: float  # PyTorch's smallest top-2 gap over those steps: the closest call
+    max_logit_diff: float  # max |ms - torch| logit difference over the steps before the divergence (all: none)
+    diff_at_divergence: float | None  # the same at the divergent step (its inputs still agree); None: none
+    min_top2_gap: float  # PyTorch's smallest top-2 gap over the steps up to the divergence: the closest call
     near_tie: float = NEAR_TIE_LOGIT
 
     @property
@@ -341,7 +343,8 @@ class PromptParity:
         return {"prompt": self.prompt, "prompt_tokens": self.prompt_tokens, "torch_tokens": self.torch_tokens,
                 "ms_tokens": self.ms_tokens, "equal": self.equal, "first_divergence": self.first_divergence,
                 "top2_gap": self.top2_gap, "near_tie": self.at_near_tie, "max_logit_diff": self.max_logit_diff,
-                "min_top2_gap": self.min_top2_gap, "passed": self.passed}
+                "diff_at_divergence": self.diff_at_divergence, "min_top2_gap": self.min_top2_gap,
+                "passed": self.passed}
 
 
 @dataclass
@@ -371,19 +374,21 @@ class GenerationParityReport:
                 "prompts": [p.to_dict() for p in self.prompts]}
 
     def format(self) -> str:
-        lines = [f"{'prompt':<14} {'tokens equal':>12} {'first diff':>10} {'top-2 gap':>10} {'min gap':>9} "
-                 f"{'max |dlogit|':>12}  result"]
+        lines = [f"{'prompt':<14} {'tokens equal':>12} {'first diff':>10} {'top-2 gap':>10} {'|dlogit| there':>14} "
+                 f"{'min gap':>9} {'max |dlogit|':>12}  result"]
         for p in self.prompts:
             same = len(p.torch_tokens) if p.equal else p.first_divergence
             diff = "-" if p.equal else str(p.first_divergence)
             gap = "-" if p.top2_gap is None else f"{p.top2_gap:.2e}"
+            there = "-" if p.diff_at_divergence is None else f"{p.diff_at_divergence:.2e}"
             result = "pass" if p.equal else ("pass (near tie)" if p.at_near_tie else "FAIL")
-            lines.append(f"{p.prompt!r:<14} {f'{same}/{len(p.torch_tokens)}':>12} {diff:>10} {gap:>10} "
+            lines.append(f"{p.prompt!r:<14} {f'{same}/{len(p.torch_tokens)}':>12} {diff:>10} {gap:>10} {there:>14} "
                          f"{p.min_top2_gap:9.2e} {p.max_logit_diff:12.2e}  {result}")
         speed = ("" if self.ms_decode_tokens_per_s is None
                  else f"; MindSpore decode {self.ms_decode_tokens_per_s:.0f} tokens/s")
-        lines.append("(top-2 gap: PyTorch's at the first differing step; min gap: its smallest over the compared "
-                     "steps; max |dlogit|: the largest MindSpore - PyTorch logit difference over them)")
+        lines.append("(top-2 gap, |dlogit| there: PyTorch's top-2 logit gap and the largest MindSpore - PyTorch "
+                     "logit difference at the first differing step; min gap: PyTorch's smallest top-2 gap up to it; "
+                     "max |dlogit|: the largest logit difference before it)")
         lines.append(f"generation parity ({self.mode}, {self.max_new_tokens} greedy tokens, near tie: top-2 gap <= "
                      f"{self.near_tie:g}{speed}): {'PASS' if self.passed else 'FAIL'}")
         return "\n".join(lines)
@@ -439,9 +444,11 @@ def generation_parity(torch_model, prompts: Sequence = PARITY_PROMPTS, max_new_t
         differ = [j for j in range(N) if ours[j] != theirs[j]]
         first = differ[0] if differ else None
         compared = N if first is None else first + 1  # steps whose inputs agree (the divergent one included)
-        diff = float(np.abs(ms_out.step_logits[:compared, b] - torch_logits[:compared, b]).max())
+        diff_j = np.abs(ms_out.step_logits[:compared, b] - torch_logits[:compared, b]).max(axis=-1)
+        before = diff_j if first is None else diff_j[:first]
         gaps = [_top2_gap(torch_logits[j, b]) for j in range(compared)]
-        rows.append(PromptParity(ids, theirs, ours, first, None if first is None else gaps[first], diff, min(gaps),
-                                 near_tie))
+        rows.append(PromptParity(ids, theirs, ours, first, None if first is None else gaps[first],
+                                 float(before.max()) if before.size else 0.0,
+                                 None if first is None else float(diff_j[first]), min(gaps), near_tie))
     return GenerationParityReport(mode, cfg.to_dict(), N, rows, near_tie, ms_out.prefill_s,
                                   ms_out.decode_tokens_per_s)
