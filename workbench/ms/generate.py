@@ -52,7 +52,6 @@ h heads, d head dim, V vocabulary, L layers, T = B*S tokens, N generated steps.
 from __future__ import annotations
 
 import time
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -160,7 +159,11 @@ def moe_inference(layer: msm.MoELayer, x_BSD: Tensor) -> Tensor:
     if layer.dispatch_kind == "grouped":
         y_TD = msm.grouped_dispatch(layer.experts, x_TD, expert_ids_TK, weights_TK)[0]
     else:
-        y_TD = msm.sorted_dispatch(layer.experts, layer.block_rows, x_TD, expert_ids_TK, weights_TK)[0]
+        # blocks of about N / E rows: the buffer pads every expert to whole blocks, and the training
+        # size (64 rows) would make a decode step of B tokens run E * 64 rows (same function, any size)
+        pairs, experts = B * S * layer.top_k, layer.experts.num_experts
+        block_rows = min(layer.block_rows, -(-pairs // experts))
+        y_TD = msm.sorted_dispatch(layer.experts, block_rows, x_TD, expert_ids_TK, weights_TK)[0]
     if layer.has_shared:
         shared_TD = layer.shared_experts(x_TD)
         if layer.has_shared_gate:
@@ -191,15 +194,13 @@ def forward_cached(model: msm.MoELM, tokens_BS: Tensor, positions_BS: Tensor, ma
     return msm.linear(model.norm(x), head), new_keys, new_values
 
 
-# one step function per (model, mode), so that GRAPH mode compiles each shape once per model, not per call
-_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def step_function(model: msm.MoELM, mode: str):
     """``forward_cached`` bound to ``model``; compiled with ``mindspore.jit`` in GRAPH mode (once per
-    shape: the prefill's and the decode step's)."""
+    shape: the prefill's and the decode step's). Kept on the model, so that a second generation with
+    it compiles nothing, and goes with it."""
     check_choice("mode", mode, MODES)
-    per_model = _STEPS.setdefault(model, {})
+    # in the instance's __dict__, past Cell.__setattr__: a plain cache, no part of the cell
+    per_model = model.__dict__.setdefault("_generation_steps", {})
     if mode not in per_model:
         def step(tokens_BS, positions_BS, mask_B1SW, source_W, new_W, keys, values):
             return forward_cached(model, tokens_BS, positions_BS, mask_B1SW, source_W, new_W, keys, values)
