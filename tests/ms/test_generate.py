@@ -160,3 +160,29 @@ def test_cli_generation_flags_need_generate(capsys):
     assert main(["parity", "--max-new-tokens", "4"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--max-new-tokens applies to --generate" in err
+
+
+@pytest.mark.parametrize("over", [
+    # DeepSeek-V3 routing (groups, route scale, a loss-free bias) under a capacity dispatch, which decode
+    # runs dropless; a gated shared expert; tied embeddings
+    {"moe": {"router": "sigmoid", "num_groups": 4, "topk_groups": 2, "route_scale": 2.5, "dispatch": "capacity",
+             "capacity_factor": 1.0, "bias_update_rate": 1e-3, "num_shared_experts": 1, "shared_expert_gate": True},
+     "tie_embeddings": True},
+    {"first_dense_layers": 1},  # a dense block before the MoE one
+])
+def test_other_configs_decode_as_pytorch(small_cfg, over):
+    import dataclasses
+
+    moe = dataclasses.replace(small_cfg.moe, **over.pop("moe", {}))
+    cfg = small_cfg.replace(moe=moe, **over)
+    torch.manual_seed(1)
+    tm = MoELM(cfg).eval()
+    with torch.no_grad():  # a selection bias that takes part
+        for layer in tm.moe_layers():
+            if layer.router.bias is not None:
+                layer.router.bias.copy_(torch.randn(layer.router.bias.shape) * 1e-2)
+    report = generation_parity(tm, PROMPTS, 6)
+    assert report.max_new_tokens == 6
+    for row in report.prompts:
+        assert row.equal or row.at_near_tie, report.format()
+        assert row.max_logit_diff <= LOGIT_TOL, report.format()

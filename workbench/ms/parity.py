@@ -36,6 +36,11 @@ agree to about 1e-7). Selection passes when every disagreement is a near tie.
 
 ``mode`` ("pynative" or "graph") is how the MindSpore side runs: in GRAPH mode every MindSpore
 function below is compiled with ``mindspore.jit`` before it is called.
+
+Generation (inference) parity lives beside the MindSpore decode it checks:
+``workbench.ms.generate.generation_parity`` greedy-decodes the same prompts with a KV cache in both
+frameworks and reports, per prompt, equal tokens or the first step where they differ and whether
+it was a near tie of the logits (``workbench parity --generate``).
 """
 
 from __future__ import annotations
