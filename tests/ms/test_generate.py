@@ -26,6 +26,7 @@ from workbench.ms.generate import (  # noqa: E402
     NEAR_TIE_LOGIT,
     PromptParity,
     generation_parity,
+    ms_greedy_decode,
     ms_greedy_generate,
 )
 from workbench.ms.model import Tensor  # noqa: E402
@@ -66,7 +67,8 @@ def test_ms_cache_equals_ms_full_forward_at_every_position(models):
     """The cached logits of every prompt and generated position against MindSpore's own uncached
     forward of each sequence alone (no padding): proves the cache, the left padding and the offsets."""
     _, mm = models
-    out = ms_greedy_generate(mm, PROMPTS, NEW, mode="pynative")
+    out = ms_greedy_decode(mm, PROMPTS, NEW, mode="pynative")
+    assert ms_greedy_generate(mm, PROMPTS, NEW) == out.new_tokens
     P = max(len(p) for p in PROMPTS)
     for b, text in enumerate(out.tokens):
         n = len(out.prompt_tokens[b])
@@ -86,7 +88,7 @@ def test_graph_mode_gives_the_pynative_tokens(models, pynative):
 
 def test_generation_stops_at_the_context(models, small_cfg):
     _, mm = models
-    out = ms_greedy_generate(mm, ["12 + 35 ="], 100)
+    out = ms_greedy_decode(mm, ["12 + 35 ="], 100)
     assert out.stopped_at_context and len(out.new_tokens[0]) == small_cfg.seq_len - 9
     with pytest.raises(ValueError, match="max_new_tokens=0 is invalid"):
         ms_greedy_generate(mm, ["a"], 0)

@@ -1,7 +1,7 @@
 """Greedy generation with a KV cache for the MindSpore model, and its parity with PyTorch's ``generate``.
 
-    out = ms_greedy_generate(ms_model, ["def ", "12 + 35 ="], max_new_tokens=32, mode="graph")
-    out.new_tokens                    # one list of ids per prompt
+    new_tokens = ms_greedy_generate(ms_model, ["def ", "12 + 35 ="], max_new_tokens=32, mode="graph")
+    out = ms_greedy_decode(ms_model, ["def "], 32)      # also the logits of every step, and timings
     report = generation_parity(torch_model, ["def ", "The "], 32, mode="pynative")
     print(report.format()); report.passed
 
@@ -51,6 +51,7 @@ h heads, d head dim, V vocabulary, L layers, T = B*S tokens, N generated steps.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -162,7 +163,7 @@ def moe_inference(layer: msm.MoELayer, x_BSD: Tensor) -> Tensor:
         # blocks of about N / E rows: the buffer pads every expert to whole blocks, and the training
         # size (64 rows) would make a decode step of B tokens run E * 64 rows (same function, any size)
         pairs, experts = B * S * layer.top_k, layer.experts.num_experts
-        block_rows = min(layer.block_rows, -(-pairs // experts))
+        block_rows = min(layer.block_rows, math.ceil(pairs / experts))
         y_TD = msm.sorted_dispatch(layer.experts, block_rows, x_TD, expert_ids_TK, weights_TK)[0]
     if layer.has_shared:
         shared_TD = layer.shared_experts(x_TD)
@@ -214,7 +215,7 @@ def step_function(model: msm.MoELM, mode: str):
 
 @dataclass
 class MSGeneration:
-    """What ``ms_greedy_generate`` returns: the tokens, the logits that chose them, and timings."""
+    """What ``ms_greedy_decode`` returns: the tokens, the logits that chose them, and timings."""
 
     prompt_tokens: list[list[int]]
     new_tokens: list[list[int]]  # greedy ids of each sequence
@@ -248,16 +249,23 @@ def decode_refusal(cfg) -> str | None:
 
 
 def ms_greedy_generate(ms_model: msm.MoELM, prompt_token_lists: Sequence, max_new_tokens: int, *,
-                       mode: str = "pynative") -> MSGeneration:
+                       mode: str = "pynative") -> list[list[int]]:
     """Greedy-decode each prompt by up to ``max_new_tokens`` tokens with the MindSpore model, in one
     left-padded batch, with a KV cache (see the module docstring); stops early when the context
-    (``seq_len``) is full.
+    (``seq_len``) is full. Returns the generated ids of each prompt; ``ms_greedy_decode`` also
+    returns the logits and timings.
 
     prompt_token_lists: lists of token ids (or str / bytes, as ``workbench.inference.generate``
     takes them). mode: "pynative" runs op by op, "graph" compiles the step (``mindspore.jit``).
-    Returns an ``MSGeneration``; ``.new_tokens`` is the list of generated ids per prompt.
     ``ValueError`` names a bad argument or a router that cannot decode token by token.
     """
+    return ms_greedy_decode(ms_model, prompt_token_lists, max_new_tokens, mode=mode).new_tokens
+
+
+def ms_greedy_decode(ms_model: msm.MoELM, prompt_token_lists: Sequence, max_new_tokens: int, *,
+                     mode: str = "pynative") -> MSGeneration:
+    """``ms_greedy_generate`` with everything it saw: an ``MSGeneration`` (tokens, the logits of the
+    prefill and of every step, timings)."""
     from workbench.inference.generation import encode_prompts
 
     cfg = ms_model.cfg
@@ -435,7 +443,7 @@ def generation_parity(torch_model, prompts: Sequence = PARITY_PROMPTS, max_new_t
     if ms_model is None:
         msm.check_supported(cfg)
         ms_model = from_torch(torch_model)
-    ms_out = ms_greedy_generate(ms_model, encoded, max_new_tokens, mode=mode)
+    ms_out = ms_greedy_decode(ms_model, encoded, max_new_tokens, mode=mode)
     N = len(ms_out.new_tokens[0])
     torch_tokens, torch_logits = _torch_greedy(torch_model, encoded, N)
 
