@@ -1,6 +1,6 @@
 """The ``workbench`` command: ``train``, ``show``, ``sweep``, ``bench layer``, ``bench train``,
 ``bench expert-parallel``, ``bench throughput``, ``bench model``, ``bench devices``,
-``bench mindspore``, ``parity``.
+``bench mindspore``, ``parity``, ``generate``, ``eval``.
 
 Every fault is one line on stderr, never a traceback: a bad flag or config value, unusable
 data, a device this torch cannot use, a run directory that cannot be written, a checkpoint
@@ -10,8 +10,9 @@ that cannot be written or read. Exit status: 0 done, 1 training diverged (or par
 
 The package: ``common`` (``fail``, ``write_json``, the flags generated from config dataclasses),
 one module per family of subcommands (``train``: train, show, sweep; ``bench``; ``ms``: parity,
-bench mindspore), and this module, which builds the parser from them and runs the command. The
-subcommand modules import ``common`` and library code, never each other or this module.
+bench mindspore; ``generate``: generate, eval), and this module, which builds the parser from them
+and runs the command. The subcommand modules import ``common`` and library code, never each
+other or this module.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ __all__ = ["build_parser", "main"]
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every subcommand; each sets ``run``, the function that runs it."""
     # imported here, not with this module: they import torch, the slow part of the start (see main)
-    from workbench.cli import bench, ms, train
+    from workbench.cli import bench, generate, ms, train
 
     parser = Parser(prog="workbench", description="A research workbench for Mixture-of-Experts LMs.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_commands = bench.add_parsers(sub)
     ms.add_bench(bench_commands)  # bench mindspore
     ms.add_parity(sub)
+    generate.add_parsers(sub)  # generate, eval
     return parser
 
 
