@@ -269,3 +269,26 @@ def test_generation_leaves_the_model_in_its_training_mode():
     generate(model, "ab", 3)
     assert model.training
     assert all(not torch.is_inference(p) for p in model.parameters())
+
+
+def test_a_compiled_decode_step_compiles_once_for_prefill_and_once_for_decode():
+    """Static shapes: the step counter that changes at every step is a tensor (and the host-side
+    bounds check runs outside the graph), so Dynamo compiles each frame for the prefill's shape and
+    for the decode step's shape, and never again. ``backend="eager"`` traces without code generation.
+    The capacity dispatch (dropless in decode: C = T) is the one with static shapes; the loop and
+    sorted ones size their groups by the routing, so they recompile as the routing changes."""
+    import torch._dynamo
+
+    model = build(dispatch="capacity")
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    eager_cache, compiled_cache = KVCache(model, 2, 16), KVCache(model, 2, 16)
+    torch._dynamo.reset()
+    step = torch.compile(model.forward_cached, backend="eager")
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        expected = [model.forward_cached(ids[:, :4], eager_cache).logits]
+        got = [step(ids[:, :4], compiled_cache).logits]
+        for t in range(4, 16):  # would raise past two compilations of any frame
+            expected.append(model.forward_cached(ids[:, t:t + 1], eager_cache).logits)
+            got.append(step(ids[:, t:t + 1], compiled_cache).logits)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.cat(got, 1), torch.cat(expected, 1), atol=1e-6, rtol=0)

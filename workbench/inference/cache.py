@@ -89,7 +89,11 @@ class KVCache:
         # absolute position of the token in each slot; -1: empty, or a padding token
         self.key_pos_BW = torch.full((batch_size, slots), -1, dtype=torch.long, device=device)
         self.next_pos_B = torch.zeros(batch_size, dtype=torch.long, device=device)  # next real token's position
-        self.written = 0  # tokens written per sequence so far, padding included (a host int: no sync)
+        # tokens written per sequence so far, padding included: a host int for the bounds check (no
+        # device sync) and the same count as a tensor for the slot arithmetic (so that a compiled step
+        # does not specialise on its value and recompile at every step)
+        self.written = 0
+        self.written_t = torch.zeros((), dtype=torch.long, device=device)
         cos, sin = rotary_tables(max_positions, cfg.head_dim, cfg.rope_base)
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
         self._arange = torch.arange(cfg.seq_len, device=device)
@@ -112,14 +116,7 @@ class KVCache:
         never attended to. Only the prefill should hold padding, on the left.
         """
         S, W = num_tokens, self.slots
-        if self.window is None:
-            check(self.written + S <= W, "max_new_tokens", f"the sequence would hold {self.written + S} tokens, "
-                  f"more than the cache's {W} slots (the model's context is seq_len; choose a sliding window to "
-                  "generate past it)", S)
-        else:
-            # a step of several tokens that wraps would overwrite keys its own later queries still read
-            check(S == 1 or self.written + S <= W, "prompt length",
-                  f"a chunk of {S} tokens does not fit the window of {W} after {self.written} tokens", S)
+        self._reserve(S)
         if padding_mask_BS is None:
             positions_BS = self.next_pos_B[:, None] + self._arange[:S]
             self.next_pos_B += S
@@ -128,9 +125,9 @@ class KVCache:
             counts_BS = real_BS.long().cumsum(1)
             positions_BS = torch.where(real_BS, self.next_pos_B[:, None] + counts_BS - 1, -1)
             self.next_pos_B += counts_BS[:, -1]
-        self.slots_S = (self._arange[:S] + self.written) % W
+        self.slots_S = (self._arange[:S] + self.written_t) % W
         self.key_pos_BW.index_copy_(1, self.slots_S, positions_BS)
-        self.written += S
+        self.written_t += S
 
         key_pos_B1W = self.key_pos_BW[:, None, :]
         query_pos_BS1 = positions_BS[:, :, None]
@@ -144,3 +141,17 @@ class KVCache:
         self.positions_BS = positions_BS
         index_BS = positions_BS.clamp(min=0)
         return self.rope_cos[index_BS][:, None], self.rope_sin[index_BS][:, None]
+
+    @torch.compiler.disable  # host bookkeeping: run as Python, not traced into a compiled step
+    def _reserve(self, S: int) -> None:
+        """Check that ``S`` more tokens fit, and count them."""
+        W = self.slots
+        if self.window is None:
+            check(self.written + S <= W, "max_new_tokens", f"the sequence would hold {self.written + S} tokens, "
+                  f"more than the cache's {W} slots (the model's context is seq_len; choose a sliding window to "
+                  "generate past it)", S)
+        else:
+            # a step of several tokens that wraps would overwrite keys its own later queries still read
+            check(S == 1 or self.written + S <= W, "prompt length",
+                  f"a chunk of {S} tokens does not fit the window of {W} after {self.written} tokens", S)
+        self.written += S
