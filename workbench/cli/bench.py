@@ -1,8 +1,9 @@
-"""``workbench bench``: ``layer``, ``train``, ``expert-parallel``, ``throughput``, ``model``, ``devices``
-(``bench mindspore`` is registered by ``workbench.cli.ms``).
+"""``workbench bench``: ``layer``, ``train``, ``expert-parallel``, ``throughput``, ``model``, ``devices``,
+``generate`` (``bench mindspore`` is registered by ``workbench.cli.ms``).
 
 Each subcommand's flags are the fields of its config dataclass (``add_config_flags``): the library's
-(``LayerBenchConfig``, ``TrainBenchConfig``, ``ThroughputConfig`` with its base ``LayerCase``) or,
+(``LayerBenchConfig``, ``TrainBenchConfig``, ``ThroughputConfig`` with its base ``LayerCase``,
+``GenerateBenchConfig``) or,
 where the library function takes plain arguments, the dataclass of those arguments below. Besides
 them there are only flags for what to do with the result (``--json``, ``--figure``), ``--smoke`` and
 ``--no-allocator-tuning``. Every bad value is one line on stderr naming it, exit status 2.
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.bench import harness
+from workbench.bench.generate import GenerateBenchConfig
 from workbench.bench.layer import LayerBenchConfig
 from workbench.bench.perfmodel import DTYPE_BYTES
 from workbench.bench.train import TrainBenchConfig
@@ -141,6 +143,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
                                       "each figure's band, status and source.", formatter_class=_FORMAT)
     add_config_flags(dv, DeviceTableArgs)
     dv.set_defaults(run=_run_devices)
+
+    gen = which.add_parser(
+        "generate", help="generation tokens/s: prefill, KV-cached decode and the recompute baseline",
+        description="Continue --prompt-len-byte prompts greedily to the preset's full context at each batch size, "
+                    "with the KV cache and by recomputing the prefix at every step, taking turns; report prefill "
+                    "and decode tokens/s and the speedup (median of --repeats rounds), then the distinct experts "
+                    "a decode step touches per MoE layer against uniform routing. Untrained, seeded weights.",
+        formatter_class=_FORMAT)
+    add_config_flags(gen, GenerateBenchConfig)
+    add_json_flag(gen)
+    gen.set_defaults(run=_run_generate)
     return which
 
 
@@ -196,6 +209,20 @@ def _run_expert_parallel(args: argparse.Namespace) -> int:
         usage_error("workbench bench expert-parallel", str(err))
     print(format_expert_parallel_bench(result))
     write_json(args.json, result)
+    return 0
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from workbench.bench.generate import bench_generate, format_generate_bench
+
+    try:
+        cfg = GenerateBenchConfig(**given(args, GenerateBenchConfig))
+    except ValueError as err:
+        return fail("workbench bench generate", err)
+    result = bench_generate(cfg.preset, **cfg.bench_kwargs(), log=lambda line: print(line, flush=True))
+    result.command = cfg.command(args.json)  # every flag spelt out: the JSON says how to measure it again
+    print(format_generate_bench(result))
+    write_json(args.json, result.to_dict())
     return 0
 
 
