@@ -16,7 +16,7 @@ _EXPORTS = {
     "ModelConfig": "workbench.config", "MoEConfig": "workbench.config", "preset": "workbench.config",
     "ModelOutput": "workbench.model", "MoELM": "workbench.model",
     "MoELayer": "workbench.moe", "RoutingInfo": "workbench.moe", "load_metrics": "workbench.moe",
-    "routing_metrics": "workbench.moe", "load_model": "workbench.load",
+    "routing_metrics": "workbench.moe", "load_model": "workbench.load", "generate": "workbench.inference",
 }
 __all__ = sorted(_EXPORTS)
 
