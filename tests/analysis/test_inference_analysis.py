@@ -35,16 +35,31 @@ def test_top1_rate_and_chance_by_hand():
     assert r["pairs"] == 5
     assert r["rate"] == pytest.approx(3 / 5)
     assert r["chance"] == pytest.approx((4 + 9 + 1) / 36)  # loads (2, 3, 1) / 6
+    # within-sequence permutation, exactly: two distinct positions share an expert: (2*1 + 3*2) / (6*5)
+    assert r["shuffled"] == pytest.approx(8 / 30)
     assert r["uniform"] == pytest.approx(1 / 4)
 
 
-def test_chance_is_per_sequence_and_weighted_by_pairs():
-    # sequence 0: loads (2, 2) / 4 -> 1/2, 3 pairs; sequence 1 has 2 tokens (1 pair), one expert -> 1
+def test_chance_pools_the_load_and_the_permutation_is_per_sequence():
+    # pooled loads (2, 2, 0, 2) / 6 -> 1/3; per sequence: [0,1,0,1] -> (2 + 2) / 12 over 3 pairs,
+    # [3,3] -> 2 / 2 over 1 pair
     ids, gates = _routing([[0, 1, 0, 1], [3, 3, -1, -1]])
     r = inf.repeat_rates(ids, gates, num_experts=4)["top1"]
     assert r["pairs"] == 4
     assert r["rate"] == pytest.approx(1 / 4)  # only the pair of sequence 1 repeats
-    assert r["chance"] == pytest.approx((3 * 0.5 + 1 * 1.0) / 4)
+    assert r["chance"] == pytest.approx(1 / 3)
+    assert r["shuffled"] == pytest.approx((3 * (4 / 12) + 1 * 1.0) / 4)
+
+
+def test_exact_permutation_baseline_matches_sampled_shuffles():
+    g = torch.Generator().manual_seed(2)
+    first = torch.randint(0, 3, (4, 12), generator=g)
+    mask = torch.ones(4, 12, dtype=torch.bool)
+    exact = inf.permuted_top1_repeats(first, mask, 3) / (4 * 11)
+    shuffle_g = torch.Generator().manual_seed(0)
+    sampled = [inf._top1_repeats(inf.shuffle_within_sequences(first, mask, shuffle_g), inf._pairs(mask)) / 44
+               for _ in range(3000)]
+    assert sum(sampled) / len(sampled) == pytest.approx(exact, abs=0.005)
 
 
 def test_first_choice_reads_the_gates_and_topk_overlap():
@@ -61,6 +76,7 @@ def test_start_counts_generated_pairs_only():
     r = inf.repeat_rates(ids, gates, num_experts=4, start_B=[3])["top1"]  # tokens 3, 4, 5: pairs (3,4), (4,5)
     assert r["pairs"] == 2 and r["rate"] == pytest.approx(1 / 2)
     assert r["chance"] == pytest.approx((4 + 1) / 9)
+    assert r["shuffled"] == pytest.approx(2 / 6)
 
 
 def test_permutation_preserves_every_sequences_load():

@@ -13,17 +13,19 @@ Three questions about a trained model once it generates text:
 
    Each beside what random routing with the same per-expert load gives (``chance``):
 
-   - ``top1``: exactly ``sum_e p_e^2``, p the sequence's first-choice load (two tokens drawn
-     independently from the load collide with that probability), averaged over sequences
-     weighted by their pairs. Per sequence, not pooled: a sequence of one domain uses its
-     domain's experts, which is specialization, not locality in time;
+   - ``top1``: exactly ``sum_e p_e^2``, p the first-choice load of the layer over the tokens
+     counted (two tokens routed independently with that load share their first choice with that
+     probability);
    - ``topk``: a permutation baseline: token positions shuffled within each sequence (which keeps
      every sequence's per-expert load exactly), the overlap rate averaged over ``shuffles``
      shuffles drawn from a fixed seed. There is no closed form for a set overlap with unequal loads.
 
-   ``shuffled`` is the permutation baseline for both metrics (for ``top1`` it sits slightly below
-   ``sum p^2``, since a shuffle draws without replacement; both converge for long sequences), and
-   ``uniform`` is Mixtral's reference, routing uniform over experts: 1/E and 1 - C(E-k, k)/C(E, k).
+   ``shuffled`` is the within-sequence permutation baseline for both metrics; for ``top1`` it is
+   exact, with no sampling: under a random permutation of a sequence's n tokens, with counts c_e,
+   two neighbours share their first choice with probability sum_e c_e (c_e - 1) / (n (n - 1)).
+   It is stricter than ``chance``: a sequence of one domain uses its domain's experts
+   (specialization, not locality in time), which it keeps and ``chance`` does not. ``uniform`` is
+   Mixtral's reference, routing uniform over experts: 1/E and 1 - C(E-k, k)/C(E, k).
    The routing comes from generation (``GenerationResult.routing``) or from a teacher-forced
    forward of any text (``teacher_forced_routing``), in the same ``LayerRouting`` layout.
 
@@ -118,17 +120,29 @@ def _topk_overlaps(ids_BNK: torch.Tensor, pairs_BM: torch.Tensor) -> torch.Tenso
     return (share_BM & pairs_BM).sum()
 
 
-def sum_squared_load(first_BN: torch.Tensor, mask_BN: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """(B,) float64: sum_e p_e^2 per sequence, p its first-choice load over the counted positions
-    (0 for a sequence with none): the probability that two tokens routed independently with that
-    load share their first choice."""
-    out = torch.zeros(first_BN.shape[0], dtype=torch.float64)
+def sum_squared_load(first_BN: torch.Tensor, mask_BN: torch.Tensor, num_experts: int) -> float:
+    """sum_e p_e^2, p the first-choice load over the counted positions of every sequence: the
+    probability that two tokens routed independently with that load share their first choice."""
+    ids = first_BN[mask_BN]
+    if ids.numel() == 0:
+        return float("nan")
+    p = torch.bincount(ids, minlength=num_experts).double() / ids.numel()
+    return float((p * p).sum())
+
+
+def permuted_top1_repeats(first_BN: torch.Tensor, mask_BN: torch.Tensor, num_experts: int) -> float:
+    """The expected first-choice repeats over the consecutive pairs of counted positions when each
+    sequence's counted positions are permuted at random, exactly: a pair is then two distinct
+    random positions of the sequence, sharing their expert with probability
+    sum_e c_e (c_e - 1) / (n (n - 1)). Counted positions must be contiguous (``span_mask``)."""
+    total = 0.0
     for b in range(first_BN.shape[0]):
         ids = first_BN[b][mask_BN[b]]
-        if ids.numel():
-            p = torch.bincount(ids, minlength=num_experts).double() / ids.numel()
-            out[b] = (p * p).sum()
-    return out
+        n = ids.numel()
+        if n > 1:
+            c = torch.bincount(ids, minlength=num_experts).double()
+            total += (n - 1) * float((c * (c - 1)).sum()) / (n * (n - 1))
+    return total
 
 
 def uniform_rates(num_experts: int, top_k: int) -> dict[str, float]:
@@ -160,19 +174,16 @@ def repeat_rates(expert_ids_BNK: torch.Tensor, gates_BNK: torch.Tensor, num_expe
         nan = float("nan")
         return {m: {"rate": nan, "chance": nan, "shuffled": nan, "uniform": uniform[m], "pairs": 0}
                 for m in ("top1", "topk")}
-    # chance for top-1: each sequence's sum p^2, weighted by its pairs
-    chance_top1 = float((sum_squared_load(first_BN, mask_BN, num_experts) * pairs_BM.sum(1)).sum() / n_pairs)
     generator = torch.Generator().manual_seed(seed)
-    shuffled_top1 = shuffled_topk = 0
+    shuffled_topk = 0
     for _ in range(shuffles):
-        # one permutation of positions moves a token's first choice and its whole set together
-        perm_BNK = shuffle_within_sequences(torch.cat([first_BN[..., None], ids_BNK], dim=-1), mask_BN, generator)
-        shuffled_top1 += int(_top1_repeats(perm_BNK[..., 0], pairs_BM))
-        shuffled_topk += int(_topk_overlaps(perm_BNK[..., 1:], pairs_BM))
+        shuffled_topk += int(_topk_overlaps(shuffle_within_sequences(ids_BNK, mask_BN, generator), pairs_BM))
     topk_shuffled = shuffled_topk / (shuffles * n_pairs)
     return {
-        "top1": {"rate": int(_top1_repeats(first_BN, pairs_BM)) / n_pairs, "chance": chance_top1,
-                 "shuffled": shuffled_top1 / (shuffles * n_pairs), "uniform": uniform["top1"], "pairs": n_pairs},
+        "top1": {"rate": int(_top1_repeats(first_BN, pairs_BM)) / n_pairs,
+                 "chance": sum_squared_load(first_BN, mask_BN, num_experts),
+                 "shuffled": permuted_top1_repeats(first_BN, mask_BN, num_experts) / n_pairs,
+                 "uniform": uniform["top1"], "pairs": n_pairs},
         "topk": {"rate": int(_topk_overlaps(ids_BNK, pairs_BM)) / n_pairs, "chance": topk_shuffled,
                  "shuffled": topk_shuffled, "uniform": uniform["topk"], "pairs": n_pairs},
     }
@@ -183,7 +194,8 @@ def locality_table(routing: Sequence[LayerRouting], num_experts: int, *,
                    seed: int = 0) -> list[dict[str, Any]]:
     """One row per (MoE layer, metric): ``layer`` (its index among the MoE layers), ``block`` (its
     transformer block), ``metric`` (``top1`` / ``topk``), ``rate``, ``chance``, ``ratio`` =
-    rate / chance, ``excess`` = rate - chance, ``shuffled``, ``uniform``, ``pairs``."""
+    rate / chance, ``excess`` = rate - chance, ``shuffled`` and ``ratio_shuffled`` = rate /
+    shuffled, ``uniform``, ``pairs``."""
     rows = []
     for layer, r in enumerate(routing):
         rates = repeat_rates(r.expert_ids, r.gates, num_experts, start_B=start_B, shuffles=shuffles, seed=seed + layer)
@@ -191,6 +203,7 @@ def locality_table(routing: Sequence[LayerRouting], num_experts: int, *,
             ratio = v["rate"] / v["chance"] if v["chance"] > 0 else float("nan")
             rows.append({"layer": layer, "block": r.block, "metric": metric, "rate": v["rate"], "chance": v["chance"],
                          "ratio": ratio, "excess": v["rate"] - v["chance"], "shuffled": v["shuffled"],
+                         "ratio_shuffled": v["rate"] / v["shuffled"] if v["shuffled"] > 0 else float("nan"),
                          "uniform": v["uniform"], "pairs": v["pairs"]})
     return rows
 
