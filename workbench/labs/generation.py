@@ -210,7 +210,8 @@ def display_samples(model: Any, prompts: dict[str, str] | None = None, *, new_to
             layers.append({"block": g.block, "experts": experts, "gates": gates, "forced_experts": forced_experts,
                            "forced_gates": forced_gates})
         samples.append({"domain": domain, "prompt": prompts[domain], "prompt_len": len(result.prompt_tokens[b]),
-                        "tokens": result.tokens[b], "text": result.texts[b], "layers": layers})
+                        "tokens": result.tokens[b], "text": result.texts[b], "num_experts": model.cfg.moe.num_experts,
+                        "layers": layers})
     return samples
 
 
@@ -253,7 +254,7 @@ def routing_html(sample: dict[str, Any], layer: int, *, forced: bool = False) ->
             style.append("outline:1px solid black")
         title = ", ".join(f"expert {e}: {g:.2f}" for e, g in zip(experts[j], gates[j], strict=True))
         spans.append(f'<span style="{";".join(style)}" title="{title}">{_byte_html(byte)}</span>')
-    E = 1 + max(e for row in routing["experts"] + routing["forced_experts"] for e in row)
+    E = sample.get("num_experts") or 1 + max(e for row in routing["experts"] + routing["forced_experts"] for e in row)
     legend = " ".join(f'<span style="background:{expert_colour(e)}55;padding:0 4px;font-family:monospace">'
                       f"expert {e}</span>" for e in range(E))
     head = (f"<b>{html.escape(sample['domain'])}</b>, MoE layer {layer} (block {routing['block']}), "
@@ -452,19 +453,28 @@ def knob_summary(frame: Any) -> Any:
 
 
 def knob_takeaways(summary: Any) -> list[str]:
-    """One sentence per knob setting, from ``knob_summary``."""
+    """One sentence per knob setting, from ``knob_summary``, naming the domain whose bits per byte
+    rise most; and one on arithmetic when it cannot tell the settings apart."""
     lines = []
     base = summary.loc["trained"]
+    domains = [c[4:] for c in summary.columns if c.startswith("bpb/") and not c.endswith("_std")]
     for setting, r in summary.drop(index="trained").iterrows():
         arith = ("arithmetic not measured (decoding is dropless)" if math.isnan(r["arithmetic"]) else
                  f"arithmetic {r['arithmetic']:.1%} ({r['d_arithmetic']:+.1%} ± {r['d_arithmetic_se']:.1%})")
         loss = (f"validation loss {r['val_loss']:.4f} ({r['d_val_loss']:+.4f} ± {r['d_val_loss_se']:.4f} paired SE "
                 f"vs {base['val_loss']:.4f} trained)")
+        if domains:
+            worst = max(domains, key=lambda d: r[f"bpb/{d}"] - base[f"bpb/{d}"])
+            loss += f", most on {worst} ({r[f'bpb/{worst}'] - base[f'bpb/{worst}']:+.3f} bits per byte)"
         compute = (f"{r['experts_per_token']:.2f} experts per token per layer, {r['dropped_fraction']:.1%} of "
                    "assignments dropped")
         verdict = "keeps quality" if r["keeps_quality"] else "costs quality"
         lines.append(f"{setting}: {loss}, {arith}, {compute}: {verdict} (thresholds: loss +{QUALITY_LOSS:.0%}, "
                      f"arithmetic -{QUALITY_ARITHMETIC:.0%}).")
+    measured = summary["arithmetic"].dropna()
+    if len(measured) and (measured == measured.iloc[0]).all():
+        lines.append(f"Arithmetic exact match is {measured.iloc[0]:.1%} for the trained model and for every setting "
+                     "decoded: at this scale it cannot tell the knobs apart; the losses do.")
     return lines
 
 
@@ -550,8 +560,8 @@ def plot_knobs(summary: Any, axes=None):
     arith = summary["arithmetic"]
     axes[1].barh(ys, arith.fillna(0), xerr=summary["arithmetic_std"].fillna(0), color="tab:green", alpha=0.7)
     for y, value in zip(ys, arith, strict=True):
-        if math.isnan(value):
-            axes[1].text(0.005, y, "not measured: decoding is dropless", va="center", fontsize=7)
+        label = "not measured: decoding is dropless" if math.isnan(value) else f"{value:.1%}"
+        axes[1].text(0, y, " " + label, va="center", fontsize=7)
     axes[1].set_yticks(list(ys), names, fontsize=8)
     axes[1].invert_yaxis()
     axes[1].set_xlabel("arithmetic exact match")
