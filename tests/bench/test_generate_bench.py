@@ -35,7 +35,9 @@ def small_model(seed: int = 0) -> MoELM:
 
 
 def test_the_bench_returns_every_field_and_serialises_to_json():
-    result = bench_generate(small_model(), batch_sizes=(1, 3), prompt_len=4, repeats=2, warmup=1, recompute_cap=5,
+    model = small_model()
+    threads = torch.get_num_threads()
+    result = bench_generate(model, batch_sizes=(1, 3), prompt_len=4, repeats=2, warmup=1, recompute_cap=5,
                             distinct_batch_sizes=(1, 2), distinct_new_tokens=4, threads=1)
     data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
     assert {"torch", "threads", "cpu", "date", "load_average"} <= set(data["environment"])
@@ -62,7 +64,7 @@ def test_the_bench_returns_every_field_and_serialises_to_json():
     assert data["rows"][1]["recompute"]["capped"] and data["rows"][1]["recompute"]["new_tokens"] == 5
     assert any("capped at 5" in note for note in data["notes"])
     assert [d["batch"] for d in data["distinct_experts"]] == [1, 2]
-    assert torch.get_num_threads() >= 1  # restored after the run
+    assert torch.get_num_threads() == threads and model.training  # the run leaves both as they were
     text = format_generate_bench(result)
     assert "speedup" in text and "distinct experts per decode step" in text and "5*" in text
 

@@ -127,16 +127,16 @@ def check_generate_args(model_cfg: Any, *, batch_sizes: Sequence[int], prompt_le
 
 
 def _model_of(preset_or_model: Any, seed: int) -> tuple[torch.nn.Module, str]:
-    """(an ``MoELM`` in evaluation mode, its name): a preset built with ``torch.manual_seed(seed)``,
-    or the model given."""
+    """(an ``MoELM``, its name): a preset built with ``torch.manual_seed(seed)``, or the model given
+    (its training mode untouched: ``generate`` and ``bench_generate`` switch to evaluation and back)."""
     from workbench.model import MoELM
 
     if isinstance(preset_or_model, str):
         torch.manual_seed(seed)
-        return MoELM(preset(preset_or_model)).eval(), preset_or_model
+        return MoELM(preset(preset_or_model)), preset_or_model
     check(isinstance(preset_or_model, MoELM), "preset_or_model", "must be a preset name ("
           + ", ".join(PRESETS) + ") or an MoELM", type(preset_or_model).__name__)
-    return preset_or_model.eval(), "custom"
+    return preset_or_model, "custom"
 
 
 def make_prompts(batch_size: int, prompt_len: int, seed: int) -> list[list[int]]:
@@ -271,9 +271,10 @@ def bench_generate(preset_or_model: Any = "small", *, batch_sizes: Sequence[int]
     check_generate_args(cfg, batch_sizes=batch_sizes, prompt_len=prompt_len, repeats=repeats, warmup=warmup,
                         recompute_cap=recompute_cap, distinct_batch_sizes=distinct_batch_sizes,
                         distinct_new_tokens=distinct_new_tokens, threads=threads, seed=seed)
-    threads_before = torch.get_num_threads()
+    threads_before, was_training = torch.get_num_threads(), model.training
     if threads is not None:
         torch.set_num_threads(threads)
+    model.eval()  # the prefill is timed through forward_cached directly: no dropout, as generate runs it
     try:
         settings = {"batch_sizes": list(batch_sizes), "prompt_len": prompt_len, "repeats": repeats,
                     "warmup": warmup, "recompute_cap": recompute_cap,
@@ -291,6 +292,7 @@ def bench_generate(preset_or_model: Any = "small", *, batch_sizes: Sequence[int]
                                                                 seed=seed)
     finally:
         torch.set_num_threads(threads_before)
+        model.train(was_training)
     result.notes = [
         f"untrained weights (torch.manual_seed({seed})): speed does not depend on training; routing does",
         f"prompts: {prompt_len} random printable bytes each; greedy generation to the full context "
