@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from workbench.bench.generate import GenerateBenchConfig
 from workbench.bench.harness import LayerCase, ThroughputConfig
 from workbench.bench.layer import LayerBenchConfig
 from workbench.bench.train import TrainBenchConfig
@@ -30,6 +31,7 @@ CONFIGS = {
     "model": [ModelBenchArgs],
     "devices": [DeviceTableArgs],
     "mindspore": [MindSporeBenchConfig],
+    "generate": [GenerateBenchConfig],
 }
 # What a command does with its result, not what it measures: these flags are no config's.
 RESULT_FLAGS = {"json", "figure", "smoke", "no_allocator_tuning"}
