@@ -202,8 +202,10 @@ def stream_generate(model: torch.nn.Module, prompts: Prompt | Sequence[Prompt], 
             if stop_id is not None:
                 done_B = done_B | (next_B == stop_id)
             new_BN.append(torch.where(was_done_B, -1, next_B))
-            finished = done_B.tolist()
-            yield GenerationStep(index, new_BN[-1].tolist(), finished)
+            # one device-to-host copy per step (each is a sync on an accelerator): tokens and stops together
+            tokens, finished = torch.stack([new_BN[-1], done_B.long()]).tolist()
+            finished = [bool(f) for f in finished]
+            yield GenerationStep(index, tokens, finished)
             last = index == max_new_tokens - 1 or all(finished)
             if record_routing or not last:
                 with torch.inference_mode():
