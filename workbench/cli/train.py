@@ -176,6 +176,9 @@ def _checked_flags(args: argparse.Namespace):
     """What the flags alone can refuse, checked before any process group starts: the configs (and
     whether they fit in memory) of a new run, or the flags --resume refuses. Returns the configs."""
     if args.resume:
+        if "init_from" in vars(args):
+            raise ValueError("--init-from starts a new run from another run's weights (new optimizer and schedule), "
+                             "--resume continues the run in --run-dir exactly: give one of them")
         refused = _refused_on_resume(args)
         if refused:
             raise ValueError(f"--resume continues a run exactly: {', '.join(refused)} cannot be given (the run "
@@ -267,6 +270,8 @@ def _train(args: argparse.Namespace, prog: str, parallel, configs=None) -> int:
 
     say(f"model: {trainer.model_cfg.num_params():,} parameters, {trainer.model_cfg.num_active_params():,} active "
         f"per token; data: {', '.join(trainer.data.domains)}; run dir: {trainer.run_dir}", flush=True)
+    for line in _finetuning_lines(trainer):
+        say(line, flush=True)
     if parallel is not None:
         say(f"parallel: {parallel.world_size} ranks, expert parallel {parallel.ep_size} x data parallel "
             f"{parallel.dp_size}, {parallel.backend} on {parallel.device.type}", flush=True)
@@ -299,6 +304,26 @@ def _train(args: argparse.Namespace, prog: str, parallel, configs=None) -> int:
         usage_error(prog, f"training finished, but writing its summary failed: {err}")
     say(text)
     return 0
+
+
+def _finetuning_lines(trainer) -> list[str]:
+    """Where the weights came from, which domains train and what is frozen: one line each, when set."""
+    cfg, lines = trainer.cfg, []
+    if trainer.init_from is not None:
+        lines.append(f"init from: {trainer.init_from['path']} (step {trainer.init_from['step']}); new optimizer "
+                     "and schedule")
+    if cfg.train_domains is not None:
+        lines.append(f"training batches from: {', '.join(cfg.train_domains)} (validation: every domain)")
+    if cfg.trainable != "all" and trainer.freezing is not None:
+        record = trainer.trainable_record
+        line = (f"trainable: {cfg.trainable}, {record['parameters']:,} of {record['of']:,} parameters "
+                f"({100 * record['parameters'] / max(1, record['of']):.1f}%)")
+        if "esft" in record:
+            esft = record["esft"]
+            line += (f"; ESFT experts for {esft.get('domain', cfg.esft_domain)!r} per MoE layer: "
+                     + " | ".join(",".join(map(str, row)) or "-" for row in esft["experts"]))
+        lines.append(line)
+    return lines
 
 
 # What --resume accepts: where the run is and how this process runs it, never what it computes.

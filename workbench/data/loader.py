@@ -121,11 +121,17 @@ class LMData:
     mapping ``{domain: weight}`` (domains left out get weight 0). With weights, windows stay
     inside one domain's region; proportional windows may straddle a domain boundary (each token
     still carries its own domain id).
+
+    ``train_domains`` restricts training windows to those domains (the others get weight 0, and
+    the weights above are shared out among the ones named: proportional to their text); the
+    validation batches still cover every domain, so what training on some domains does to the
+    others can be measured (forgetting, in a fine-tuning on a domain shift).
     """
 
     def __init__(self, corpus: Corpus, *, seq_len: int = 128, batch_size: int = 16, seed: int = 0,
                  val_fraction: float = 0.05, val_windows_per_domain: int = 16,
-                 domain_weights: str | Mapping[str, float] = "proportional"):
+                 domain_weights: str | Mapping[str, float] = "proportional",
+                 train_domains: Sequence[str] | None = None):
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
             if value < 1:
                 raise ValueError(f"{name}={value!r} is invalid: must be >= 1")
@@ -144,6 +150,7 @@ class LMData:
                                     f"tokens, fewer than one window of seq_len + 1 = {seq_len + 1}",
                                     train_tokens=len(self.train), window=seq_len + 1)
         self.domain_weights = domain_weights
+        self.train_domains = self._check_train_domains(train_domains)
         self._weights = self._resolve_weights(domain_weights)  # (num_domains,) float64, or None: proportional
         self._val_starts = {d: self._val_window_starts(i) for i, d in enumerate(self.domains)}
         self.val_missing = self._val_missing_reasons()
@@ -180,14 +187,27 @@ class LMData:
     def _region_sizes(self, stream: TokenStream) -> torch.Tensor:
         return stream.domain_ranges[:, 1] - stream.domain_ranges[:, 0]
 
+    def _check_train_domains(self, train_domains: Sequence[str] | None) -> list[str] | None:
+        """The domains named, in the corpus's order; ``ValueError`` listing the known ones for an unknown one."""
+        if train_domains is None:
+            return None
+        if isinstance(train_domains, str):
+            train_domains = [train_domains]
+        unknown = [d for d in train_domains if d not in self.domains]
+        if unknown or not train_domains:
+            what = f"has unknown domain(s) {unknown}" if unknown else "is empty"
+            raise ValueError(f"train_domains {what}: known domains are {', '.join(self.domains)}")
+        return [d for d in self.domains if d in train_domains]
+
     def _resolve_weights(self, spec: str | Mapping[str, float]) -> torch.Tensor | None:
         if isinstance(spec, str):
             if spec not in SAMPLING:
                 raise ValueError(f"domain_weights={spec!r} is invalid: allowed values are "
                                  f"{', '.join(SAMPLING)} or a mapping {{domain: weight}}")
-            if spec == "proportional":
+            if spec == "proportional" and self.train_domains is None:
                 return None
-            spec = dict.fromkeys(self.domains, 1.0)
+            sizes = self._region_sizes(self.train).tolist()
+            spec = {d: float(sizes[i]) if spec == "proportional" else 1.0 for i, d in enumerate(self.domains)}
         unknown = sorted(set(spec) - set(self.domains))
         if unknown:
             raise ValueError(f"domain_weights has unknown domain(s) {unknown}: known domains are "
@@ -196,10 +216,17 @@ class LMData:
         if (weights < 0).any() or not torch.isfinite(weights).all() or weights.sum() <= 0:
             raise ValueError(f"domain_weights={dict(spec)!r} is invalid: weights must be finite, >= 0, "
                              "with a positive sum")
+        source = "domain_weights"
+        if self.train_domains is not None:
+            weights *= torch.tensor([d in self.train_domains for d in self.domains], dtype=torch.float64)
+            source = "train_domains"
+            if weights.sum() <= 0:
+                raise ValueError(f"train_domains={self.train_domains} is invalid: domain_weights={dict(spec)!r} "
+                                 "gives none of them any weight")
         sizes = self._region_sizes(self.train)
         too_small = [d for d, w, n in zip(self.domains, weights, sizes, strict=True) if w > 0 and n < self.seq_len + 1]
         if too_small:
-            raise ValueError(f"domain_weights gives weight to domain(s) {too_small} whose train split is shorter "
+            raise ValueError(f"{source} gives weight to domain(s) {too_small} whose train split is shorter "
                              f"than one window of seq_len + 1 = {self.seq_len + 1} tokens")
         return weights / weights.sum()
 

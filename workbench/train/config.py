@@ -11,6 +11,8 @@ from workbench.validation import check_int, check_real
 
 AUTOCAST = ("auto", "bf16", "none")
 DEVICES = ("auto", "cpu", "cuda[:N]", "npu[:N]", "mps")
+# Which parameters a run trains (``workbench.train.freeze`` defines each group by parameter name).
+TRAINABLE = ("all", "non_moe", "routers", "experts", "attention", "esft")
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed accepts
 
 
@@ -35,7 +37,8 @@ class TrainConfig:
 
     # What the fields that name one of a set allow, as each flag's --help lists it (workbench.cli);
     # __post_init__ checks them (the device by its spelling: cuda:1 is one of cuda[:N]).
-    ALLOWED: ClassVar[dict[str, Collection[str]]] = {"autocast": AUTOCAST, "device": DEVICES}
+    ALLOWED: ClassVar[dict[str, Collection[str]]] = {"autocast": AUTOCAST, "device": DEVICES,
+                                                     "trainable": TRAINABLE}
 
     steps: int = 300  # optimizer steps in the whole run
     batch_size: int = 16  # sequences per micro-batch
@@ -59,6 +62,16 @@ class TrainConfig:
     data: str | None = None  # a text file or a folder of domain subfolders; None: built-in corpus
     val_fraction: float = 0.05  # share of documents held out for validation
     max_bytes_per_domain: int = 2_000_000  # built-in corpus size per domain
+    # validation still reports every domain, so that forgetting the others is measured
+    train_domains: tuple[str, ...] | None = None  # domains training batches draw from, by their text's size (none: all)
+
+    # Starting from another run's weights, and what trains (workbench.train.freeze).
+    init_from: str | None = None  # a run directory or checkpoint file: its weights start this run (not --resume)
+    trainable: str = "all"  # what trains: all, non_moe, routers, experts, attention or esft; the rest is frozen
+    esft_domain: str | None = None  # trainable=esft: the domain whose routing chooses each layer's trained experts
+    esft_threshold: float | None = None  # esft: train the experts whose share of the domain's routing is above this
+    esft_top_n: int | None = None  # esft: train each layer's n experts with the largest share of the domain's routing
+    esft_top_p: float | None = None  # esft: train the fewest experts whose shares add up to at least this (ESFT's rule)
 
     run_dir: str = "runs/latest"  # where checkpoints, metrics.jsonl, report.png and summary.json go
     wandb_project: str = "moe-workbench"  # wandb project (tracking follows WANDB_MODE)
@@ -88,6 +101,53 @@ class TrainConfig:
             _check(isinstance(self.data, str) and self.data.strip() != "", "data",
                    "give a text file or a folder of domain subfolders, or leave it unset (None) for the "
                    "built-in corpus", self.data)
+        self._check_train_domains()
+        self._check_finetuning()
+
+    def _check_train_domains(self) -> None:
+        """A non-empty list of distinct names (whether the data has them is checked when it is built)."""
+        if self.train_domains is None:
+            return
+        if isinstance(self.train_domains, str):  # "code,prose" from Python: split as the flag does
+            self.train_domains = tuple(d for d in self.train_domains.split(",") if d)
+        domains = self.train_domains
+        _check(isinstance(domains, (list, tuple)) and all(isinstance(d, str) and d for d in domains), "train_domains",
+               "must be a list of domain names (e.g. code,prose,records), or None for every domain", domains)
+        _check(len(domains) > 0, "train_domains", "must name at least one domain (None: every domain)", domains)
+        _check(len(set(domains)) == len(domains), "train_domains", "must not repeat a domain", domains)
+        self.train_domains = tuple(domains)  # JSON gives back a list
+
+    def _check_finetuning(self) -> None:
+        """``trainable`` is a known group; the ESFT fields come with ``trainable=esft`` and only with it."""
+        _check(self.trainable in TRAINABLE, "trainable", "allowed values are " + ", ".join(TRAINABLE),
+               self.trainable)
+        if self.init_from is not None:
+            _check(isinstance(self.init_from, str) and self.init_from.strip() != "", "init_from",
+                   "give a run directory or a checkpoint file (ckpt-<step>.safetensors), or leave it unset (None)",
+                   self.init_from)
+        rules = {name: getattr(self, name) for name in ("esft_threshold", "esft_top_n", "esft_top_p")}
+        chosen = [name for name, value in rules.items() if value is not None]
+        if self.trainable != "esft":
+            given = chosen + (["esft_domain"] if self.esft_domain is not None else [])
+            if given:
+                _check(False, given[0], "applies only with trainable=esft (expert-specialised fine-tuning); this "
+                       f"run has trainable={self.trainable!r}", getattr(self, given[0]))
+            return
+        _check(isinstance(self.esft_domain, str) and self.esft_domain != "", "esft_domain",
+               "trainable=esft needs the domain whose routing chooses the experts (e.g. esft_domain='code')",
+               self.esft_domain)
+        _check(self.init_from is not None, "init_from", "trainable=esft needs the run or checkpoint to fine-tune: "
+               "ESFT chooses the experts by a trained model's routing of esft_domain", self.init_from)
+        _check(len(chosen) == 1, "trainable", "esft needs exactly one rule to choose the experts: esft_threshold, "
+               f"esft_top_n or esft_top_p (given: {', '.join(chosen) or 'none'})", self.trainable)
+        if self.esft_threshold is not None:
+            check_real("esft_threshold", self.esft_threshold, 0)
+            _check(self.esft_threshold <= 1, "esft_threshold", "must be a fraction in [0, 1]", self.esft_threshold)
+        if self.esft_top_p is not None:
+            check_real("esft_top_p", self.esft_top_p, 0, above=True)
+            _check(self.esft_top_p <= 1, "esft_top_p", "must be a fraction in (0, 1]", self.esft_top_p)
+        if self.esft_top_n is not None:
+            check_int("esft_top_n", self.esft_top_n, 1)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -2,7 +2,8 @@
 
 A run directory holds::
 
-    run.json                  what the run is (both configs), its wandb id, and how it ended
+    run.json                  what the run is (both configs), its wandb id, and how it ended; for a
+                              fine-tuning, where its weights came from and what it trained
     ckpt-<step>.safetensors   checkpoints (see ``checkpoint.py``)
     metrics.jsonl             one row per optimizer step
     summary.json, report.png  written by ``workbench train`` at the end
@@ -356,6 +357,8 @@ _RUN_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "started": ((str, type(None)), "a string or null"), "updated": ((str, type(None)), "a string or null"),
     "last_checkpoint": ((str, type(None)), "a string or null"),
     "data_fingerprint": ((dict, type(None)), "an object or null"), "data_changes": ((list,), "a list"),
+    # where a fine-tuning's weights came from (--init-from) and what it trained (--trainable, ESFT's experts)
+    "init_from": ((dict, type(None)), "an object or null"), "trainable": ((dict, type(None)), "an object or null"),
 }
 
 

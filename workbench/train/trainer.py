@@ -3,6 +3,14 @@
     trainer = Trainer(preset("tiny"), TrainConfig(steps=300, run_dir="runs/demo"))
     trainer.fit()                     # history in trainer.history, also in runs/demo/metrics.jsonl
     Trainer.resume("runs/demo").fit() # continues bit for bit from the newest good checkpoint
+    Trainer(cfg, TrainConfig(init_from="runs/demo", trainable="experts", run_dir="runs/ft")).fit()
+
+``init_from`` starts a new run from another run's weights (a run directory's newest usable
+checkpoint, or a checkpoint file such as ``workbench upcycle`` writes): the weights only, with a
+new optimizer, schedule and step count; every tensor must have this run's shape. ``trainable``
+freezes all but one group of parameters, or all but the experts ESFT selects
+(``workbench.train.freeze``). ``run.json`` records where the weights came from (``init_from``) and
+what trained (``trainable``), and a resume takes the ESFT selection from there.
 
 Batches are a pure function of (seed, step), so the data position in a checkpoint is the step.
 Loss-free balancing bias updates run right after ``optimizer.step()``, never inside forward, and
@@ -20,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import signal
 import socket
 import threading
@@ -39,14 +48,18 @@ from workbench.model import MoELM
 from workbench.moe import step_routing_metrics
 from workbench.runtime import tune_cpu_allocator
 from workbench.train.checkpoint import (
+    Checkpoint,
     CheckpointError,
+    config_difference,
     last_good_checkpoint,
     latest_usable_checkpoint,
     list_checkpoints,
+    load_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
 from workbench.train.config import DEVICES, TrainConfig
+from workbench.train.freeze import Freezing, esft_select, freeze, parameter_group, routing_shares
 from workbench.train.loggers import JsonlLogger, WandbLogger
 from workbench.train.rundir import (
     RUN_FILE,
@@ -193,7 +206,8 @@ def build_data(cfg: TrainConfig, seq_len: int):
         corpus = load_text_corpus(cfg.data)
     try:
         data = LMData(corpus, seq_len=seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
-                      val_fraction=cfg.val_fraction, val_windows_per_domain=cfg.eval_windows)
+                      val_fraction=cfg.val_fraction, val_windows_per_domain=cfg.eval_windows,
+                      train_domains=cfg.train_domains)
     except DataTooSmallError as err:
         tokens, window = err.train_tokens, err.window
         if cfg.data is None:
@@ -215,6 +229,75 @@ class EvalResult:
     routing_matrix: torch.Tensor  # (moe layers, domains, experts) token-expert assignment counts
     domains: list[str]
     missing: dict[str, str] = field(default_factory=dict)  # domain -> why it has no validation loss
+
+
+# Windows of the target domain's training text whose routing ESFT's selection counts.
+ESFT_WINDOWS = 64
+
+
+def find_init_checkpoint(init_from: str | Path) -> Checkpoint:
+    """The checkpoint ``init_from`` names: a run directory's newest usable checkpoint, or a
+    checkpoint file (verified as a resume verifies it); ``ValueError`` naming ``init_from``."""
+    path = Path(init_from).expanduser()
+    shown = f"init_from={str(init_from)!r} is invalid"
+    if not path.exists():
+        raise ValueError(f"{shown}: the path does not exist (give a run directory or a checkpoint file)")
+    run_dir = path if path.is_dir() else path.parent
+    run_info = read_run_info(run_dir)
+    try:
+        if path.is_dir():
+            if not list_checkpoints(path):
+                raise ValueError(f"{shown}: {path} holds no checkpoint (ckpt-<step>.safetensors)")
+            if run_info is not None:
+                check_run_info(run_dir, run_info)
+            ckpt, skipped = latest_usable_checkpoint(path, run_info)
+            if ckpt is None:
+                raise ValueError(f"{shown}: no usable checkpoint in {path}: {'; '.join(skipped)}")
+            return ckpt
+        ckpt = load_checkpoint(path)
+    except CheckpointError as err:
+        raise ValueError(f"{shown}: {err}") from None
+    # a run's own checkpoint must be that run's (a file of another name, an upcycled model kept
+    # beside the dense run it came from, is not claimed by the run)
+    if run_info is not None and re.fullmatch(r"ckpt-\d{8}\.safetensors", path.name):
+        if (diff := config_difference(ckpt, run_info)) is not None:
+            raise ValueError(f"{shown}: checkpoint {path} belongs to another run than {run_dir} holds: {diff}")
+    return ckpt
+
+
+def load_init_weights(model: torch.nn.Module, ckpt: Checkpoint, init_from: str | Path) -> None:
+    """Copy ``ckpt``'s weights into ``model`` exactly; ``ValueError`` naming the first tensor whose
+    name or shape does not match (the model is left unchanged then)."""
+    want = model.state_dict()
+    have = ckpt.model_state
+    shown = f"init_from={str(init_from)!r} does not fit this run's model"
+    for name in want:
+        if name not in have:
+            raise ValueError(f"{shown}: it has no tensor {name!r} (a dense checkpoint? make an MoE one with "
+                             "workbench upcycle)")
+        if tuple(have[name].shape) != tuple(want[name].shape):
+            raise ValueError(f"{shown}: tensor {name!r} has shape {tuple(have[name].shape)} there and "
+                             f"{tuple(want[name].shape)} here")
+    extra = [name for name in have if name not in want]
+    if extra:
+        raise ValueError(f"{shown}: its tensor {extra[0]!r} has no place in this run's model"
+                         + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    model.load_state_dict(have, strict=True)
+
+
+def init_record(ckpt: Checkpoint, init_from: str | Path) -> dict[str, Any]:
+    """What ``run.json`` records of the weights a run started from (``init_from``)."""
+    from safetensors import safe_open
+
+    path = Path(ckpt.path).resolve()
+    with safe_open(str(path), framework="pt") as f:
+        sha = (f.metadata() or {}).get("tensors_sha256")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        source = read_run_info(path.parent) or {}
+    return {"given": str(init_from), "path": str(path), "step": ckpt.step, "tensors_sha256": sha,
+            "run_dir": str(path.parent) if source else None, "run_started": source.get("started"),
+            "run_wandb_id": source.get("wandb_run_id"), "model_config": ckpt.model_config}
 
 
 class Trainer:
@@ -249,8 +332,27 @@ class Trainer:
                              f"to {data_vocab - 1}, so it must be >= {data_vocab}")
         # what the run trains on: recorded in run.json, so that a resume on other data is refused
         self.data_fingerprint = data_fingerprint(cfg, self.data)
+        if cfg.train_domains is not None and data is not None:
+            have = getattr(self.data, "train_domains", None)
+            if have is None or sorted(have) != sorted(cfg.train_domains):
+                raise ValueError(f"train_domains={list(cfg.train_domains)} is invalid for the data given: it "
+                                 f"trains on {have or 'every domain'}; build it with LMData(..., train_domains=...)")
         torch.manual_seed(cfg.seed)
         self.model = MoELM(model_cfg).to(self.device)
+        if cfg.trainable != "all" and getattr(self, "parallel", None) is not None:
+            raise ValueError(f"trainable={cfg.trainable!r} is invalid under torchrun: freezing is not supported "
+                             "with expert or data parallelism yet; fine-tune in one process")
+        self.init_from: dict[str, Any] | None = None  # run.json's record of the starting weights
+        self.freezing: Freezing | None = None
+        if not _resume:
+            if cfg.init_from is not None:
+                self._init_weights(overwrite)
+            selection = self._esft_selection() if cfg.trainable == "esft" else None
+            self.freezing = freeze(self.model, cfg.trainable, selection)
+        else:  # the same parameters train; Trainer.resume freezes once the checkpoint is loaded
+            trained = {id(p) for p in parameter_group(self.model, cfg.trainable).values()}
+            for p in self.model.parameters():
+                p.requires_grad_(id(p) in trained)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         if not _resume:  # a resumed run is checked when fit() starts: a finished one is never touched
@@ -333,6 +435,7 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError) as err:  # shapes were checked on load; this is a backstop
             first = str(err).strip().splitlines()[0]
             raise CheckpointError(f"checkpoint {ckpt.path} does not fit the model it records: {first}") from err
+        trainer._refreeze(run_info)
         restore_rng_state(ckpt.rng_state)
         trainer.step = ckpt.step
         # read only: fit() trims the file to the checkpoint's step, under the run's lock
@@ -344,6 +447,87 @@ class Trainer:
         if not trainer.finished:  # a finished run trains nothing: its data does not matter
             trainer._check_same_data(accept_data_change)
         return trainer
+
+    # --- starting weights and freezing -------------------------------------------------------
+
+    def _init_weights(self, overwrite: bool) -> None:
+        """Load ``cfg.init_from``'s weights into the new model (before anything is written)."""
+        ckpt = find_init_checkpoint(self.cfg.init_from)
+        if overwrite and Path(ckpt.path).resolve().parent == self.run_dir.resolve():
+            raise ValueError(f"init_from={self.cfg.init_from!r} is invalid with overwrite: its checkpoint is in "
+                             f"run_dir={str(self.run_dir)!r}, which overwrite would delete; copy it elsewhere or "
+                             "choose another run_dir")
+        load_init_weights(self.model, ckpt, self.cfg.init_from)
+        self.init_from = init_record(ckpt, self.cfg.init_from)
+
+    @torch.no_grad()
+    def domain_routing_counts(self, domain: str, windows: int = ESFT_WINDOWS) -> torch.Tensor:
+        """(MoE layers, experts) token-expert assignments of the model, in evaluation mode, on up to
+        ``windows`` windows spread evenly over ``domain``'s training text (ESFT's relevance counts)."""
+        domains = list(self.data.domains)
+        if domain not in domains:
+            raise ValueError(f"esft_domain={domain!r} is invalid: known domains are {', '.join(domains)}")
+        stream, S = self.data.train, self.model_cfg.seq_len
+        lo, hi = stream.domain_ranges[domains.index(domain)].tolist()
+        n = min(windows, max(0, (hi - lo - 1) // S))
+        if n == 0:
+            raise ValueError(f"esft_domain={domain!r} is invalid: its training text is shorter than one window of "
+                             f"seq_len + 1 = {S + 1} tokens")
+        starts = lo + torch.arange(n) * (hi - lo - S - 1) // max(1, n - 1)
+        E = self.model_cfg.moe.num_experts
+        counts = torch.zeros(len(self.model_cfg.moe_layers), 1, E, dtype=torch.long)
+        was_training = self.model.training
+        self.model.eval()
+        for i in range(0, n, self.cfg.batch_size):
+            batch = stream.windows(starts[i:i + self.cfg.batch_size], S)
+            with self._autocast():
+                out = self.model(batch.tokens.to(self.device))
+            zeros_T = torch.zeros(batch.tokens.numel(), dtype=torch.long)
+            for li, info in enumerate(out.routing):
+                _add_assignments(counts[li], info, zeros_T)
+        self.model.train(was_training)
+        return counts[:, 0]
+
+    def _esft_selection(self) -> list[list[int]]:
+        """ESFT's experts per MoE layer, chosen by the (initial) model's routing of ``esft_domain``."""
+        cfg = self.cfg
+        if self.model_cfg.moe is None:
+            raise ValueError("trainable='esft' is invalid: the model has no MoE layer (a dense model has no experts)")
+        counts_LE = self.domain_routing_counts(cfg.esft_domain)
+        selection = esft_select(counts_LE, threshold=cfg.esft_threshold, top_n=cfg.esft_top_n, top_p=cfg.esft_top_p)
+        if not any(selection):
+            largest = max(max(row) for row in routing_shares(counts_LE))
+            raise ValueError(f"esft_threshold={cfg.esft_threshold} is invalid: it selects no expert in any layer "
+                             f"(the largest share of {cfg.esft_domain!r}'s routing is {largest:.3f}); lower it")
+        rule, value = next((k, v) for k, v in (("threshold", cfg.esft_threshold), ("top_n", cfg.esft_top_n),
+                                               ("top_p", cfg.esft_top_p)) if v is not None)
+        self._esft_record = {"domain": cfg.esft_domain, "rule": rule, "value": value,
+                             "shares": [[round(x, 6) for x in row] for row in routing_shares(counts_LE)],
+                             "counts": counts_LE.tolist(),
+                             "counted_on": f"the initial model's routing of up to {ESFT_WINDOWS} windows spread "
+                                           f"evenly over {cfg.esft_domain!r}'s training text"}
+        return selection
+
+    def _refreeze(self, run_info: dict[str, Any] | None) -> None:
+        """On resume: freeze as the run did, ESFT's experts as its ``run.json`` records them."""
+        selection = None
+        if self.cfg.trainable == "esft":
+            record = (run_info or {}).get("trainable")
+            esft = record.get("esft") if isinstance(record, dict) else None
+            selection = esft.get("experts") if isinstance(esft, dict) else None
+            if not (isinstance(selection, list) and all(isinstance(row, list) for row in selection)):
+                raise ValueError(f"{self.run_dir / RUN_FILE} does not record the experts this ESFT run trains "
+                                 "(trainable.esft.experts): it cannot be resumed as it ran")
+        self.freezing = freeze(self.model, self.cfg.trainable, selection)
+
+    @property
+    def trainable_record(self) -> dict[str, Any]:
+        """What ``run.json`` records under ``trainable``: the group, how many values train, ESFT's choice."""
+        record = self.freezing.record() if self.freezing is not None else {"group": self.cfg.trainable}
+        esft = getattr(self, "_esft_record", None)
+        if esft is not None:  # how the experts were chosen, beside which
+            record["esft"] = {**esft, **record.get("esft", {})}
+        return record
 
     def _check_same_data(self, accept_change: bool) -> None:
         """The data is the run's (``run.json``'s fingerprint), or ``accept_change`` records the change."""
@@ -408,6 +592,8 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.model.finish_optimizer_step()
+        if self.freezing is not None:  # frozen expert slices and balancing biases back, bit for bit
+            self.freezing.restore()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
@@ -453,13 +639,7 @@ class Trainer:
                 n += targets.numel()
                 domain_T = batch.domains.flatten()
                 for li, info in enumerate(out.routing):
-                    ids_TK = info.router_output.expert_ids_TK.cpu()
-                    domain_TK = domain_T.unsqueeze(1).expand_as(ids_TK)
-                    if info.router_output.mask_TK is not None:  # expert choice pads its slots
-                        mask = info.router_output.mask_TK.cpu()
-                        ids_TK, domain_TK = ids_TK[mask], domain_TK[mask]
-                    counts[li].index_put_((domain_TK.flatten(), ids_TK.flatten()), torch.ones(1, dtype=torch.long),
-                                          accumulate=True)
+                    _add_assignments(counts[li], info, domain_T)
             if n:
                 losses[domain] = loss_sum / n
             total_loss, total_tokens = total_loss + loss_sum, total_tokens + n
@@ -485,6 +665,8 @@ class Trainer:
         if self.run_info is None:
             self.run_info = new_run_info(self.model_cfg.to_dict(), cfg.to_dict())
             self.run_info["data_fingerprint"] = self.data_fingerprint
+            self.run_info["init_from"] = self.init_from
+            self.run_info["trainable"] = self.trainable_record
         self._wandb = WandbLogger(cfg.wandb_project, self.run_dir,
                                   {"model": self.model_cfg.to_dict(), "train": cfg.to_dict()},
                                   resume_id=self.run_info.get("wandb_run_id"))
@@ -557,6 +739,17 @@ class Trainer:
             return float("nan")
         tokens = self.cfg.grad_accum * self.cfg.batch_size * self.model_cfg.seq_len
         return tokens / sorted(times)[len(times) // 2]
+
+
+def _add_assignments(counts_DE: torch.Tensor, info, domain_T: torch.Tensor) -> None:
+    """Add one MoE layer's token-expert assignments to ``counts_DE`` (domains x experts), each token
+    counted under its domain id in ``domain_T``; expert choice's padded slots are left out."""
+    ids_TK = info.router_output.expert_ids_TK.cpu()
+    domain_TK = domain_T.unsqueeze(1).expand_as(ids_TK)
+    if info.router_output.mask_TK is not None:  # expert choice pads its slots
+        mask = info.router_output.mask_TK.cpu()
+        ids_TK, domain_TK = ids_TK[mask], domain_TK[mask]
+    counts_DE.index_put_((domain_TK.flatten(), ids_TK.flatten()), torch.ones(1, dtype=torch.long), accumulate=True)
 
 
 def _mean_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
