@@ -173,7 +173,8 @@ def test_time_per_token_by_hand():
     # Mixtral's expert: 3 x 4096 x 14336 bf16 values
     assert off.expert_bytes(4096, 14336, "bf16") == 3 * 4096 * 14336 * 2
     assert off.expert_bytes(4096, 14336, "int4") == 3 * 4096 * 14336 / 2
-    assert off.host_link("H100") == 63.0 and off.host_link("Ascend910B", "low") == 25.0
+    assert off.host_link("H100") > off.host_link("A100") > 0  # PCIe 5.0 against PCIe 4.0
+    assert "devices.yaml" in off.host_link_source("H100") or "PCIe" in off.host_link_source("H100")
 
 
 def test_trace_round_trips_through_arrays(tmp_path):

@@ -33,8 +33,8 @@ over the host link when a token needs it. Three pieces:
   is the share of needed experts that were guessed.
 
 ``time_per_token`` turns misses into seconds: copies x expert bytes / host-link bandwidth, divided
-by the tokens of a step. ``HOST_LINKS`` holds the host-to-device links of the devices in
-``workbench/bench/devices.yaml`` (which has no host-link figure).
+by the tokens of a step. ``host_link`` reads the device table's ``host_link_gb_s``
+(``workbench/bench/devices.yaml``) and falls back on ``HOST_LINKS`` for a device without one.
 
 ``shuffled_trace`` is the random-routing baseline with the same loads: every token keeps its set of
 experts in each layer, but the tokens are permuted over positions and sequences independently per
@@ -348,11 +348,37 @@ HOST_LINKS: dict[str, HostLink] = {
 
 
 def host_link(device_key: str, end: str = "value") -> float:
-    """GB/s of ``device_key``'s host link: ``value`` (nominal) or ``low`` (a typical copy)."""
+    """GB/s per direction of ``device_key``'s host link: the device table's ``host_link_gb_s``
+    (its ``low`` / ``value`` / ``high`` end) where it has one, else ``HOST_LINKS`` (``low``: a
+    typical pinned copy; ``high``: nominal)."""
+    check_choice("end", end, ("low", "value", "high"))
+    figure = _table_host_link(device_key)
+    if figure is not None and figure.at(end) is not None:
+        return float(figure.at(end))
     check_choice("device", device_key, HOST_LINKS)
-    check_choice("end", end, ("low", "value"))
     link = HOST_LINKS[device_key]
     return link.low_gb_s if end == "low" else link.gb_s
+
+
+def host_link_source(device_key: str) -> str:
+    """Where ``host_link`` takes the device's figure from, and that figure's status."""
+    figure = _table_host_link(device_key)
+    if figure is not None and figure.value is not None:
+        return f"devices.yaml ({figure.status}): {figure.source}"
+    check_choice("device", device_key, HOST_LINKS)
+    link = HOST_LINKS[device_key]
+    return f"{link.name} ({link.status}): {link.source}"
+
+
+def _table_host_link(device_key: str) -> Any:
+    from workbench.bench import perfmodel
+
+    if "host_link_gb_s" not in perfmodel.FIGURES:
+        return None
+    devices = perfmodel.load_devices()
+    if device_key not in devices:
+        return None
+    return devices[device_key].figures.get("host_link_gb_s")
 
 
 PRECISION_BYTES = {"bf16": 2.0, "fp8": 1.0, "int4": 0.5}
