@@ -46,7 +46,10 @@ from workbench.validation import check, check_choice, check_int
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 FIGURES = ("bf16_tflops", "fp32_tflops", "fp8_tflops", "matmul_tflops", "hbm_tb_s", "hbm_gb", "link_gb_s",
-           "a2a_intra_gb_s", "inter_node_gb_s", "a2a_inter_gb_s")
+           "a2a_intra_gb_s", "inter_node_gb_s", "a2a_inter_gb_s",
+           # read by the serving model and the offloading simulators only: int8 GEMMs, the fixed cost of one
+           # all-to-all exchange, the host link (CPU memory <-> device, one direction)
+           "int8_tflops", "a2a_latency_us", "host_link_gb_s")
 BAND_ENDS = ("low", "value", "high")
 
 
