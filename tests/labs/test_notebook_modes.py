@@ -1,4 +1,4 @@
-"""The long notebooks (02, 03) open on their committed results: the first code cell is tagged
+"""The long notebooks (02, 03, 06) open on their committed results: the first code cell is tagged
 ``parameters``, takes its mode from one environment variable (``WORKBENCH_MODE``; ``WORKBENCH_SMOKE=1``
 still means smoke), defaults to results, and the committed files that results mode reads exist and load.
 A missing results file fails here, not in the notebook."""
@@ -11,10 +11,11 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from workbench.labs import balancing, modes, specialization
+from workbench.labs import balancing, generation, modes, specialization
 
 ROOT = Path(__file__).resolve().parents[2]
-NOTEBOOKS = {"02_load_balancing": balancing, "03_expert_specialization": specialization}
+NOTEBOOKS = {"02_load_balancing": balancing, "03_expert_specialization": specialization,
+             "06_generation": generation}
 
 
 def _first_cells(stem: str):
@@ -65,6 +66,10 @@ def test_results_mode_has_the_committed_files_it_reads(stem, monkeypatch):
     for name in lab.RESULTS_FILES:
         assert (folder / name).is_file(), f"{stem}: committed results file {folder / name} is missing"
     loaded = lab.load_results(folder)
+    if lab is generation:  # one JSON of tables: one row per seed's trained model
+        runs = loaded["train"]
+        assert len(runs) >= 3 and all(r["val_loss"] == r["val_loss"] for r in runs)  # 3+ seeds, no NaN
+        return
     runs = loaded.runs if lab is balancing else loaded.results.runs
     assert len(runs) > 0 and not runs["val_loss"].isna().any()
 
