@@ -1,6 +1,6 @@
 """The ``workbench`` command: ``train``, ``show``, ``sweep``, ``bench layer``, ``bench train``,
 ``bench expert-parallel``, ``bench throughput``, ``bench model``, ``bench devices``,
-``bench mindspore``, ``parity``, ``generate``, ``eval``.
+``bench mindspore``, ``parity``, ``generate``, ``eval``, ``upcycle``.
 
 Every fault is one line on stderr, never a traceback: a bad flag or config value, unusable
 data, a device this torch cannot use, a run directory that cannot be written, a checkpoint
@@ -28,7 +28,7 @@ __all__ = ["build_parser", "main"]
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every subcommand; each sets ``run``, the function that runs it."""
     # imported here, not with this module: they import torch, the slow part of the start (see main)
-    from workbench.cli import bench, generate, ms, train
+    from workbench.cli import bench, generate, ms, train, upcycle
 
     parser = Parser(prog="workbench", description="A research workbench for Mixture-of-Experts LMs.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_bench(bench_commands)  # bench mindspore
     ms.add_parity(sub)
     generate.add_parsers(sub)  # generate, eval
+    upcycle.add_parsers(sub)  # upcycle
     return parser
 
 
