@@ -212,12 +212,13 @@ def test_drop_differs_from_the_dense_ffn_by_exactly_the_reinitialised_units(dens
         y_moe, routing = layer(x_TD[None], tokens.reshape(1, -1))
         y_dense = dense_ffn(x_TD)
         expected = torch.zeros_like(y_dense)
+        ids_TK, gates_TK = routing.router_output.expert_ids_TK, routing.router_output.weights_TK
+        ex = layer.experts
         for t in range(x_TD.shape[0]):
             x = x_TD[t]
-            for e, g in zip(routing.router_output.expert_ids_TK[t].tolist(), routing.router_output.weights_TK[t].tolist(),
-                            strict=True):
+            for e, g in zip(ids_TK[t].tolist(), gates_TK[t].tolist(), strict=True):
                 for u in report.reinitialised[(0, e)]:
-                    new = F.silu(x @ layer.experts.w1[e][:, u]) * (x @ layer.experts.w3[e][:, u]) * layer.experts.w2[e][u]
+                    new = F.silu(x @ ex.w1[e][:, u]) * (x @ ex.w3[e][:, u]) * ex.w2[e][u]
                     old = F.silu(x @ w1[:, u]) * (x @ w3[:, u]) * w2[u]
                     expected[t] += g * (new - old)
     diff = y_moe.reshape(-1, 32) - y_dense
