@@ -161,14 +161,30 @@ def expected_distinct_experts(num_experts: int, top_k: float, batch: float,
     token makes exactly ``k`` assignments, to distinct experts, ``q_e = k p_e`` holds exactly, whatever the
     joint law of a token's ``k`` picks (without replacement). So the only approximation is that the tokens
     of one step are independent draws (decode batches one token from each of ``B`` different sequences);
-    ``k p_e`` is clipped at 1. ``batch`` may be fractional (an average).
+    A load no top-k router can produce (``k p_e > 1``, e.g. a steep Zipf law) is capped
+    (``inclusion_probabilities``). ``batch`` may be fractional (an average).
     """
     check_int("num_experts", num_experts, 1)
     check(0 < top_k <= num_experts, "top_k", f"must be in (0, num_experts={num_experts}]", top_k)
     check(batch >= 0, "batch", "must be >= 0", batch)
     if load is None:
         return num_experts * (1.0 - (1.0 - top_k / num_experts) ** batch)
-    return sum(1.0 - (1.0 - min(1.0, top_k * p)) ** batch for p in _shares(load, num_experts))
+    return sum(1.0 - (1.0 - q) ** batch for q in inclusion_probabilities(_shares(load, num_experts), top_k))
+
+
+def inclusion_probabilities(shares: Sequence[float], top_k: float) -> list[float]:
+    """The chance ``q_e = k p_e`` that one token picks expert ``e``, given each expert's share ``p_e`` of
+    the assignments. A token picks an expert at most once, so ``q_e <= 1``: experts asking more are
+    capped at 1 and the others rescaled until the ``q_e`` sum to ``k`` again (a measured trace never
+    needs it; a fitted Zipf law can)."""
+    q = [top_k * p for p in shares]
+    capped = [False] * len(q)
+    while any(v > 1.0 + 1e-12 for v in q):
+        capped = [c or v >= 1.0 for c, v in zip(capped, q, strict=True)]
+        free = sum(v for v, c in zip(q, capped, strict=True) if not c)
+        scale = (top_k - sum(capped)) / free if free > 0 else 0.0
+        q = [1.0 if c else v * scale for v, c in zip(q, capped, strict=True)]
+    return q
 
 
 def zipf_load(num_experts: int, exponent: float) -> list[float]:
