@@ -279,3 +279,25 @@ def test_measured_points_of_a_committed_generation_benchmark():
     for r in rows:
         assert r["error"] == pytest.approx((r["predicted"] - r["measured"]) / r["measured"])
     assert "decode" in sv.format_measured_errors(rows)
+
+
+def test_cli_bench_serve_prints_every_published_figure_and_refuses_bad_values(tmp_path, capsys):
+    from workbench.cli import main
+
+    out = tmp_path / "serve.json"
+    assert main(["bench", "serve", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert all(p.key in printed for p in sv.load_published())
+    data = json.loads(out.read_text())
+    assert len(data["published"]) == len(sv.load_published()) and data["measured"] == []
+    assert main(["bench", "serve", "--measured", str(tmp_path / "missing.json")]) == 2
+    assert "measured=" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "serve", "--end", "middle"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'middle'" in capsys.readouterr().err
+    bad = tmp_path / "published.yaml"
+    bad.write_text("x: {model: deepseek-v3}\n")
+    assert main(["bench", "serve", "--published-file", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lacks" in err

@@ -618,6 +618,7 @@ def measured_decode_errors(json_path: str, dev: pm.Device | None = None) -> list
         f = predict_prefill(shp, dev, prompt_len=P, batch=B, precision="fp32", kv_precision="fp32", keys=L)
         d = predict_decode(shp, dev, batch=B, context=L, precision="fp32", kv_precision="fp32")
         common = {"preset": name, "batch": B, "device": dev.name, "threads": result["settings"].get("threads"),
+                  "matmul_gflops": 1e3 * dev.get("matmul_tflops"), "bandwidth_gb_s": 1e3 * dev.get("hbm_tb_s"),
                   "file": str(json_path)}
         rows.append({**common, "phase": "prefill", "setting": f"prompt {P}, {B * P} tokens",
                      "measured": r["prefill"]["tokens_per_s"], "predicted": f.tokens_per_s,

@@ -1,5 +1,5 @@
 """``workbench bench``: ``layer``, ``train``, ``expert-parallel``, ``throughput``, ``model``, ``devices``,
-``generate`` (``bench mindspore`` is registered by ``workbench.cli.ms``).
+``generate``, ``serve`` (``bench mindspore`` is registered by ``workbench.cli.ms``).
 
 Each subcommand's flags are the fields of its config dataclass (``add_config_flags``): the library's
 (``LayerBenchConfig``, ``TrainBenchConfig``, ``ThroughputConfig`` with its base ``LayerCase``,
@@ -21,7 +21,7 @@ from typing import Any
 from workbench.bench import harness
 from workbench.bench.generate import GenerateBenchConfig
 from workbench.bench.layer import LayerBenchConfig
-from workbench.bench.perfmodel import DTYPE_BYTES
+from workbench.bench.perfmodel import BAND_ENDS, DTYPE_BYTES
 from workbench.bench.train import TrainBenchConfig
 from workbench.cli.common import (
     Parser,
@@ -68,6 +68,18 @@ class ModelBenchArgs:
     overlap: float = 0.0  # fraction of the all-to-all hidden behind compute
     devices_file: Path | None = None  # an edited copy of devices.yaml
     published: bool = False  # also print the error against published figures
+
+
+@dataclass(kw_only=True)
+class ServeBenchArgs:
+    """What ``workbench bench serve`` compares (``workbench.bench.serving``), one flag each."""
+
+    measured: tuple[str, ...] = field(default=(), metadata={"help": "comma-separated `workbench bench generate` "
+                                      "JSON results to check the model on (this machine's matmul and copy "
+                                      "bandwidth are measured first, with each result's torch threads)"})
+    end: str = field(default="value", metadata={"choices": BAND_ENDS})  # end of the device figures' bands
+    published_file: Path | None = None  # an edited copy of workbench/bench/serving_published.yaml
+    devices_file: Path | None = None  # an edited copy of devices.yaml
 
 
 @dataclass(kw_only=True)
@@ -154,6 +166,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     add_config_flags(gen, GenerateBenchConfig)
     add_json_flag(gen)
     gen.set_defaults(run=_run_generate)
+
+    sv = which.add_parser(
+        "serve", help="the serving model against published serving figures and this machine's generation runs",
+        description="Predict prefill and decode tokens/s per device with the serving model (workbench.bench."
+                    "serving) for every published MoE serving figure (serving_published.yaml: DeepSeek on H800, "
+                    "SGLang on H100, CloudMatrix-Infer on Ascend 910C) in its published setting, and print the "
+                    "relative error; with --measured, also against the prefill and cached-decode tokens/s of "
+                    "`workbench bench generate` results, after measuring this machine's matmul and bandwidth.",
+        formatter_class=_FORMAT)
+    add_config_flags(sv, ServeBenchArgs)
+    add_json_flag(sv, "write the rows here")
+    sv.set_defaults(run=_run_serve)
     return which
 
 
@@ -335,6 +359,37 @@ def _run_model(args: argparse.Namespace) -> int:
             print(f"wrote {args.figure}")
     except OSError as err:
         return fail(prog, f"could not write: {err}")
+    return 0
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from workbench.bench import perfmodel as pm
+    from workbench.bench import serving
+
+    prog = "workbench bench serve"
+    a = ServeBenchArgs(**given(args, ServeBenchArgs))
+    try:
+        for path in a.measured:
+            check(Path(path).is_file(), "measured", "must name `workbench bench generate` JSON files", path)
+        devices = pm.load_devices(str(a.devices_file) if a.devices_file else None)
+        published = serving.serving_errors(str(a.published_file) if a.published_file else None, devices, a.end)
+    except (ValueError, OSError, KeyError) as err:
+        return fail(prog, err)
+    print(f"serving model against published figures (device figures at the '{a.end}' end of their bands)")
+    print(serving.format_serving_errors(published))
+    measured: list[dict[str, Any]] = []
+    for path in a.measured:
+        try:
+            rows = serving.measured_decode_errors(path)
+        except (ValueError, OSError, KeyError) as err:
+            return fail(prog, f"{path}: {err}")
+        measured += rows
+        r0 = rows[0]
+        print(f"\n{path}: {r0['device']}, {r0['threads']} thread(s): matmul {r0['matmul_gflops']:,.0f} GFLOP/s "
+              f"fp32 and copy {r0['bandwidth_gb_s']:,.1f} GB/s measured now; the model in fp32, every cache slot "
+              "scored (as the workbench's KV cache does)")
+        print(serving.format_measured_errors(rows))
+    write_json(args.json, {"published": published, "measured": measured, "end": a.end})
     return 0
 
 
