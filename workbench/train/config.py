@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 from workbench.validation import check as _check
@@ -37,8 +37,7 @@ class TrainConfig:
 
     # What the fields that name one of a set allow, as each flag's --help lists it (workbench.cli);
     # __post_init__ checks them (the device by its spelling: cuda:1 is one of cuda[:N]).
-    ALLOWED: ClassVar[dict[str, Collection[str]]] = {"autocast": AUTOCAST, "device": DEVICES,
-                                                     "trainable": TRAINABLE}
+    ALLOWED: ClassVar[dict[str, Collection[str]]] = {"autocast": AUTOCAST, "device": DEVICES}
 
     steps: int = 300  # optimizer steps in the whole run
     batch_size: int = 16  # sequences per micro-batch
@@ -67,7 +66,8 @@ class TrainConfig:
 
     # Starting from another run's weights, and what trains (workbench.train.freeze).
     init_from: str | None = None  # a run directory or checkpoint file: its weights start this run (not --resume)
-    trainable: str = "all"  # what trains: all, non_moe, routers, experts, attention or esft; the rest is frozen
+    # the flag refuses other names as it parses them (metadata "choices"); __post_init__ refuses them from Python
+    trainable: str = field(default="all", metadata={"choices": TRAINABLE})  # what trains; the rest is frozen
     esft_domain: str | None = None  # trainable=esft: the domain whose routing chooses each layer's trained experts
     esft_threshold: float | None = None  # esft: train the experts whose share of the domain's routing is above this
     esft_top_n: int | None = None  # esft: train each layer's n experts with the largest share of the domain's routing
