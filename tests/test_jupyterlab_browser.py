@@ -329,11 +329,16 @@ def _check_widgets(page, path: str) -> list[dict]:
 
 
 def _image_srcs(area) -> list[str]:
-    return area.locator(".widget-output img").evaluate_all("els => els.map(e => e.src)")
+    """What the panel's output shows: its images' sources, or the HTML of each output for a panel
+    that draws HTML rather than a figure (notebook 06's text coloured by expert)."""
+    srcs = area.locator(".widget-output img").evaluate_all("els => els.map(e => e.src)")
+    if srcs:
+        return srcs
+    return area.locator(".widget-output .jp-OutputArea-output").evaluate_all("els => els.map(e => e.innerHTML)")
 
 
 def _check_redraw(page, panel: dict) -> str:
-    """Changes the panel's first dropdown twice: each time the panel draws a new image."""
+    """Changes the panel's first dropdown twice: each time the panel draws a new image (or new HTML)."""
     area = panel["area"]
     select = area.locator(".widget-dropdown select").first
     options = select.locator("option").evaluate_all("els => els.map(e => e.value)")
