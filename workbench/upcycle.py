@@ -192,6 +192,10 @@ def step0_statement(cfg: ModelConfig, method: str = "copy", router_init: str = "
     if method == "drop" and drop_ratio > 0:
         return (f"not exact: Drop-Upcycling re-initialises {drop_ratio:g} of every expert's hidden units; the output "
                 "differs by exactly their contribution")
+    if m.dispatch == "capacity" and m.capacity_factor is not None and name != "soft_moe":
+        return (f"not exact: dispatch='capacity' (capacity_factor={m.capacity_factor:g}) drops the tokens past an "
+                "expert's capacity (a zero router sends every token to the same experts); a dropless dispatch "
+                "(sorted, loop) or capacity_factor=None keeps them")
     if name == "soft_moe":
         return "not exact: soft_moe feeds experts weighted averages of tokens, and the experts are not linear"
     if name == "expert_choice" and m.expert_choice_eval != "token_choice":

@@ -10,7 +10,7 @@ that cannot be written or read. Exit status: 0 done, 1 training diverged (or par
 
 The package: ``common`` (``fail``, ``write_json``, the flags generated from config dataclasses),
 one module per family of subcommands (``train``: train, show, sweep; ``bench``; ``ms``: parity,
-bench mindspore; ``generate``: generate, eval), and this module, which builds the parser from them
+bench mindspore; ``generate``: generate, eval; ``upcycle``), and this module, which builds the parser from them
 and runs the command. The subcommand modules import ``common`` and library code, never each
 other or this module.
 """
