@@ -301,3 +301,19 @@ def test_cli_bench_serve_prints_every_published_figure_and_refuses_bad_values(tm
     assert main(["bench", "serve", "--published-file", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "lacks" in err
+
+
+def test_cli_bench_serve_on_a_committed_generation_run_with_given_machine_figures(tmp_path, capsys):
+    from workbench.cli import main
+
+    path = ROOT / "benchmarks" / "generate-tiny-cpu2-2026-12-06.json"
+    out = tmp_path / "serve.json"
+    assert main(["bench", "serve", "--measured", str(path), "--matmul-gflops", "100", "--bandwidth-gb-s", "10",
+                 "--json", str(out)]) == 0
+    measured = json.loads(out.read_text())["measured"]
+    assert {r["phase"] for r in measured} == {"prefill", "decode"} and measured[0]["bandwidth_gb_s"] == 10
+    assert "given" in capsys.readouterr().out
+    assert main(["bench", "serve", "--measured", str(path), "--matmul-gflops", "100"]) == 2
+    assert "--bandwidth-gb-s" in capsys.readouterr().err
+    assert main(["bench", "serve", "--measured", str(path), "--matmul-gflops", "-1", "--bandwidth-gb-s", "10"]) == 2
+    assert "matmul_flops" in capsys.readouterr().err

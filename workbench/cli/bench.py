@@ -77,6 +77,8 @@ class ServeBenchArgs:
     measured: tuple[str, ...] = field(default=(), metadata={"help": "comma-separated `workbench bench generate` "
                                       "JSON results to check the model on (this machine's matmul and copy "
                                       "bandwidth are measured first, with each result's torch threads)"})
+    matmul_gflops: float | None = None  # fp32 matmul GFLOP/s of this machine for --measured (none: measure now)
+    bandwidth_gb_s: float | None = None  # this machine's copy bandwidth in GB/s for --measured (none: measure now)
     end: str = field(default="value", metadata={"choices": BAND_ENDS})  # end of the device figures' bands
     published_file: Path | None = None  # an edited copy of workbench/bench/serving_published.yaml
     devices_file: Path | None = None  # an edited copy of devices.yaml
@@ -365,12 +367,18 @@ def _run_model(args: argparse.Namespace) -> int:
 def _run_serve(args: argparse.Namespace) -> int:
     from workbench.bench import perfmodel as pm
     from workbench.bench import serving
+    from workbench.bench.perfmodel import measured_device
 
     prog = "workbench bench serve"
     a = ServeBenchArgs(**given(args, ServeBenchArgs))
     try:
         for path in a.measured:
             check(Path(path).is_file(), "measured", "must name `workbench bench generate` JSON files", path)
+        check((a.matmul_gflops is None) == (a.bandwidth_gb_s is None), "matmul_gflops",
+              "give it with --bandwidth-gb-s (both, or neither to measure them now)", a.matmul_gflops)
+        pinned = None
+        if a.matmul_gflops is not None:
+            pinned = measured_device(a.matmul_gflops * 1e9, a.bandwidth_gb_s * 1e9, name="this machine (given figures)")
         devices = pm.load_devices(str(a.devices_file) if a.devices_file else None)
         published = serving.serving_errors(str(a.published_file) if a.published_file else None, devices, a.end)
     except (ValueError, OSError, KeyError) as err:
@@ -380,13 +388,14 @@ def _run_serve(args: argparse.Namespace) -> int:
     measured: list[dict[str, Any]] = []
     for path in a.measured:
         try:
-            rows = serving.measured_decode_errors(path)
+            rows = serving.measured_decode_errors(path, pinned)
         except (ValueError, OSError, KeyError) as err:
             return fail(prog, f"{path}: {err}")
         measured += rows
         r0 = rows[0]
+        how = "given" if pinned else "measured now"
         print(f"\n{path}: {r0['device']}, {r0['threads']} thread(s): matmul {r0['matmul_gflops']:,.0f} GFLOP/s "
-              f"fp32 and copy {r0['bandwidth_gb_s']:,.1f} GB/s measured now; the model in fp32, every cache slot "
+              f"fp32 and copy {r0['bandwidth_gb_s']:,.1f} GB/s {how}; the model in fp32, every cache slot "
               "scored (as the workbench's KV cache does)")
         print(serving.format_measured_errors(rows))
     write_json(args.json, {"published": published, "measured": measured, "end": a.end})
