@@ -437,3 +437,28 @@ def test_checkpoint_metadata_is_json(dense_run, tmp_path):
     info = read_upcycle_metadata(path)
     json.dumps(info)
     assert info["noise"] == 0.01 and info["step0"].startswith("not exact: noise")
+
+
+def test_the_trainers_init_from_loads_the_written_file(dense_run, tmp_path):
+    """``TrainConfig.init_from`` reads the file and the folder (``workbench.train.trainer``), as
+    ``workbench train --init-from`` does; a file of its own name may sit beside the dense run."""
+    from workbench.train.trainer import find_init_checkpoint, load_init_weights
+
+    cfg = _moe(router="hash")
+    direct = upcycle(dense_run_model(dense_run), cfg, method="granular", seed=4)
+    tokens = torch.randint(0, 256, (1, 16))
+    for target in (tmp_path / "up", dense_run / "moe.safetensors"):
+        path = upcycle_checkpoint(dense_run, target, cfg, method="granular", seed=4)
+        for given in (path, path.parent if target.suffix != ".safetensors" else path):
+            model = MoELM(cfg).eval()
+            load_init_weights(model, find_init_checkpoint(given), given)
+            with torch.no_grad():
+                assert torch.equal(model(tokens).logits, direct(tokens).logits)
+    with pytest.raises(ValueError, match="holds a training run"):
+        upcycle_checkpoint(dense_run, dense_run / "ckpt-00000000.safetensors", cfg)
+
+
+def dense_run_model(run_dir):
+    import workbench
+
+    return workbench.load_model(run_dir)

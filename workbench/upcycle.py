@@ -53,6 +53,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -71,6 +72,7 @@ __all__ = ["METHODS", "ROUTER_INITS", "SMALL_ROUTER_STD", "UpcycleReport", "read
 METHODS = ("copy", "granular", "drop")
 ROUTER_INITS = ("zero", "small")
 SMALL_ROUTER_STD = 1e-3
+_CKPT_NAME = re.compile(r"^ckpt-\d{8}\.safetensors$")
 # ModelConfig fields that must agree between the dense source and the MoE model for the copied
 # tensors to mean the same function (seq_len and dropout may change: they hold no weights)
 MATCHING_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "rope_base", "norm_eps", "tie_embeddings")
@@ -467,8 +469,12 @@ def _refuse_existing(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise ValueError(f"{out} exists: pass overwrite=True (--overwrite) to replace it")
     folder = out.parent
-    if (folder / RUN_FILE).exists() or any(p != out for _, p in list_checkpoints(folder)):
-        raise ValueError(f"{folder} holds a training run: write the upcycled checkpoint to a new folder or file")
+    # a run's checkpoint name in a run's folder would become that run's newest checkpoint; a file of
+    # another name beside a run (runs/dense/moe.safetensors) is not the run's
+    if _CKPT_NAME.match(out.name) and ((folder / RUN_FILE).exists()
+                                       or any(p != out for _, p in list_checkpoints(folder))):
+        raise ValueError(f"{folder} holds a training run: write the upcycled checkpoint to a new folder, or to a "
+                         "file of another name than ckpt-<step>.safetensors")
 
 
 def _write(out: Path, model: nn.Module, cfg: ModelConfig, report: UpcycleReport) -> None:
