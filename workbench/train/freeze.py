@@ -201,12 +201,19 @@ def freeze(model: nn.Module, group: str, selection: list[list[int]] | None = Non
     that train. Freezing a whole tensor is ``requires_grad=False``; freezing some experts of one is a
     gradient hook plus ``Freezing.restore`` after each step."""
     train = parameter_group(model, group)
+    layers = _moe_layers(model)
+    if group == "esft":
+        _check(selection is not None and len(selection) == len(layers), "selection",
+               f"must list the trained experts of each of the {len(layers)} MoE layers", selection)
+        for layer, experts in zip(layers, selection, strict=True):
+            E = layer.experts.num_experts
+            _check(all(isinstance(e, int) and 0 <= e < E for e in experts), "selection",
+                   f"expert indices must be from 0 to {E - 1}", experts)
     chosen = {id(p) for p in train.values()}
     for p in model.parameters():
         p.requires_grad_(id(p) in chosen)
     total = sum(p.numel() for p in model.parameters())
     freezing = Freezing(group, selection, trainable_parameters(model, group, selection), total)
-    layers = _moe_layers(model)
     if group in ROUTER_FROZEN:
         for layer in layers:
             bias = getattr(layer.router, "bias", None)
@@ -215,12 +222,8 @@ def freeze(model: nn.Module, group: str, selection: list[list[int]] | None = Non
                 freezing._saved.append((bias, index, bias.detach().clone()))
     if group != "esft":
         return freezing
-    _check(selection is not None and len(selection) == len(layers), "selection",
-           f"must list the trained experts of each of the {len(layers)} MoE layers", selection)
     for layer, experts in zip(layers, selection, strict=True):
         E = layer.experts.num_experts
-        _check(all(isinstance(e, int) and 0 <= e < E for e in experts), "selection",
-               f"expert indices must be from 0 to {E - 1}", experts)
         keep_E = torch.zeros(E, dtype=torch.bool)
         keep_E[list(experts)] = True
         for p in layer.experts.parameters():
