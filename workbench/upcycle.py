@@ -10,8 +10,9 @@ attention, norms, LM head, the layers that stay dense) is copied unchanged. Thre
   copy of the dense FFN (``expert_hidden`` = the dense hidden size H). With gates that sum to one
   the layer computes ``sum_k g_k FFN(x) = FFN(x)``: the step-0 function is the dense one.
 - ``granular`` (fine-grained experts, as Qwen1.5-MoE built its experts from Qwen-1.8B): the dense
-  hidden units are split into g = H / ``expert_hidden`` slices and expert e holds slice e mod g
-  (E = g gives a pure split; E = m g gives m copies of every slice). SwiGLU hidden units are
+  hidden units are split into g = H / ``expert_hidden`` slices (g = (H - S) / h beside a shared
+  slice of S units) and expert e holds slice e mod g (E = g gives a pure split; E = m g gives m
+  copies of every slice). SwiGLU hidden units are
   independent, so ``FFN(x) = sum_j f_j(x)`` over the slices exactly; the MoE keeps only the
   selected slices, so it equals the dense FFN only when every expert is selected (top_k = E) with
   equal gates. Otherwise it is exact only in expectation over a uniformly random selection.
@@ -21,11 +22,11 @@ attention, norms, LM head, the layers that stay dense) is copied unchanged. Thre
   N(mean, std) of the dense matrix they replace. Experts start diverse; the layer differs from the
   dense FFN by exactly those units' contribution.
 
-Scaling. The router's gates are ``route_scale * g`` with g summing to one over the k selected
+Scaling. The combine weights are ``route_scale * w`` with w summing to one over the k selected
 experts for a renormalised router (``normalize_topk``; sigmoid, hash, cosine, noisy top-k and
 sinkhorn too). Each routed expert's down projection W2 is multiplied by ``expert_scale =
 routed_share * g_slices / route_scale`` (``g_slices`` = 1 for copy and drop), which makes the layer
-the dense FFN whenever the gates are uniform over the selected experts and every slice is covered
+the dense FFN whenever the weights w are uniform over the selected experts and every slice is covered
 (copy and drop: always; granular: top_k = E), and unbiased over uniformly random selections
 otherwise. With ``route_scale = E`` and top_k = E every granular gate is 1 and W2 is left as it is.
 A router whose gates do not sum to one (``switch``: the raw top-1 probability, 1/E under a zero
@@ -41,9 +42,13 @@ holds the first ``shared_hidden`` dense units whole and the routed slices split 
 Router init: ``zero`` (every logit 0: uniform gates, and every token ties, so top-k takes the
 same experts for all tokens at step 0) or ``small`` (N(0, 1e-3^2), the default: near-uniform
 gates that differ per token, as a router trained from scratch starts). ``noise`` adds
-``noise * std(W) * N(0, 1)`` to every routed expert matrix (after scaling by its dense matrix's std).
-The capacity dispatch can drop tokens (a zero router sends them all to the same experts): the
-exactness statements assume a dropless dispatch (``sorted``, ``loop``, the default).
+``noise * std(W) * N(0, 1)`` to every routed expert matrix, std(W) that of the dense matrix it came
+from. A capacity dispatch drops tokens (a zero router sends them all to the same experts), so
+``step0_statement`` calls it not exact; the default dispatch (``sorted``) is dropless.
+
+``upcycle_checkpoint`` writes the model as a step-0 run checkpoint (``workbench.train.checkpoint``'s
+format) with an ``upcycle`` metadata entry: the dense source, the method, its parameters, the
+scales and the step-0 statement. ``workbench.load_model`` and ``TrainConfig.init_from`` read it.
 
 Shape legend: D model dim, H dense hidden, h expert hidden, S shared hidden, E experts.
 """
@@ -149,7 +154,7 @@ def upcycled_config(dense: ModelConfig, moe: ModelConfig, method: str = "copy", 
         if shared_expert and "shared_expert_hidden" not in given:
             changes["shared_expert_hidden"] = H // parts
     moe_cfg = type(m)(**{**asdict(m), **changes})
-    return moe.replace(moe=moe_cfg, dense_hidden=H)
+    return moe.replace(moe=moe_cfg, dense_hidden=moe.dense_hidden if "dense_hidden" in given else H)
 
 
 def _slices(cfg: ModelConfig, method: str, H: int, shared_expert: bool) -> tuple[int, int]:
