@@ -237,9 +237,13 @@ def _dense_state(dense: nn.Module | dict[str, torch.Tensor]) -> tuple[dict[str, 
             raise ValueError(f"the source model is not dense (moe.router={cfg.moe.router!r}, "
                              f"num_experts={cfg.moe.num_experts}): upcycle takes a dense model "
                              "(ModelConfig(moe=None), `workbench train --dense`)")
-        return {k: v.detach() for k, v in dense.state_dict().items()}, cfg
+        return {k: v.detach().cpu() for k, v in dense.state_dict().items()}, cfg
     if isinstance(dense, dict):
-        return dense, getattr(dense, "cfg", None)  # _DenseState carries its checkpoint's config
+        # _DenseState carries its checkpoint's config; the MoE model is built on the CPU
+        bad = next((k for k, v in dense.items() if not isinstance(v, torch.Tensor)), None)
+        if bad is not None:
+            raise ValueError(f"dense state entry {bad!r} is a {type(dense[bad]).__name__}, not a tensor")
+        return {k: v.detach().cpu() for k, v in dense.items()}, getattr(dense, "cfg", None)
     raise ValueError(f"dense_model_or_state must be a dense MoELM or its state dict, got {type(dense).__name__}")
 
 
@@ -288,7 +292,7 @@ def _model(cfg: ModelConfig) -> nn.Module:
 def upcycle(dense_model_or_state: nn.Module | dict[str, torch.Tensor], moe_config: ModelConfig, *,
             method: str = "copy", router_init: str = "small", noise: float = 0.0, drop_ratio: float = 0.5,
             shared_expert: bool = False, seed: int = 0) -> nn.Module:
-    """The MoE model (``MoELM`` of ``moe_config``, evaluation mode) upcycled from a dense
+    """The MoE model (``MoELM`` of ``moe_config``, on the CPU, in evaluation mode) upcycled from a dense
     ``MoELM`` or its state dict. See the module docstring for the methods and scales; every bad
     input is a ``ValueError`` naming the field or tensor."""
     return upcycle_with_report(dense_model_or_state, moe_config, method=method, router_init=router_init,
