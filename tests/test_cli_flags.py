@@ -17,7 +17,7 @@ from workbench.bench.harness import LayerCase, ThroughputConfig
 from workbench.bench.layer import LayerBenchConfig
 from workbench.bench.train import TrainBenchConfig
 from workbench.cli import build_parser
-from workbench.cli.bench import DeviceTableArgs, ExpertParallelBenchArgs, ModelBenchArgs
+from workbench.cli.bench import DeviceTableArgs, ExpertParallelBenchArgs, ModelBenchArgs, ServeBenchArgs
 from workbench.cli.common import Parser, add_config_flags, given
 from workbench.config import ModelConfig, MoEConfig
 from workbench.ms.bench import MindSporeBenchConfig
@@ -32,6 +32,7 @@ CONFIGS = {
     "devices": [DeviceTableArgs],
     "mindspore": [MindSporeBenchConfig],
     "generate": [GenerateBenchConfig],
+    "serve": [ServeBenchArgs],
 }
 # What a command does with its result, not what it measures: these flags are no config's.
 RESULT_FLAGS = {"json", "figure", "smoke", "no_allocator_tuning"}
