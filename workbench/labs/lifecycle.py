@@ -91,11 +91,11 @@ UPCYCLE_METHODS: dict[str, dict[str, Any]] = {
 }
 GRANULARITY = 2  # granular upcycling: each expert of the coarse MoE becomes 2 experts of half its width
 
-# Fine-tuning methods on the MoE (name -> TrainConfig fields), and the dense twin's.
+# Fine-tuning methods on the MoE (name -> TrainConfig fields), and the dense twin's. "Frozen routers"
+# (everything but the routers) is not one of workbench.train.freeze's groups, so it is not run.
 ESFT_TOP_P = 0.3  # ESFT: each layer's fewest experts holding >= 30% of the new domain's routing
 FINETUNES: dict[str, dict[str, Any]] = {
     "full": {"trainable": "all"},
-    # "frozen routers": {"trainable": "non_routers"},
     "non-MoE only (ST-MoE)": {"trainable": "non_moe"},
     "experts only": {"trainable": "experts"},
     "ESFT": {"trainable": "esft", "esft_domain": NEW_DOMAIN, "esft_top_p": ESFT_TOP_P},
