@@ -219,3 +219,15 @@ def test_cli_fine_tunes_with_esft_and_says_what_trains(tmp_path, capsys, domain_
     experts = info["trainable"]["esft"]["experts"]
     assert [len(row) for row in experts] == [1, 1]
     assert info["trainable"]["esft"]["rule"] == "top_n" and info["trainable"]["router_bias"] == "frozen"
+
+
+def test_a_balancing_bias_the_checkpoint_lacks_starts_at_zero_and_one_it_has_must_be_kept(tmp_path, domain_folder,
+                                                                                           source):
+    biased = dataclasses.replace(MICRO_MODEL, moe=dataclasses.replace(MICRO_MODEL.moe, bias_update_rate=1e-3))
+    trainer = Trainer(biased, _cfg(tmp_path / "ft", domain_folder, init_from=str(source.run_dir)))
+    assert all(torch.equal(layer.router.bias, torch.zeros(4)) for layer in trainer.model.moe_layers())
+    assert trainer.init_from["zero_balancing_bias"] == ["blocks.0.ffn.router.bias", "blocks.1.ffn.router.bias"]
+    trainer.save()  # a checkpoint with the bias: a run without loss-free balancing would drop it
+    with pytest.raises(ValueError, match=r"its tensor 'blocks.0.ffn.router.bias' has no place in this run's model "
+                                         r"\(its loss-free balancing bias: keep it with bias_update_rate > 0\)"):
+        Trainer(MICRO_MODEL, _cfg(tmp_path / "ft2", domain_folder, init_from=str(tmp_path / "ft")))

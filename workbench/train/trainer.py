@@ -249,7 +249,10 @@ def find_init_checkpoint(init_from: str | Path) -> Checkpoint:
             if not list_checkpoints(path):
                 raise ValueError(f"{shown}: {path} holds no checkpoint (ckpt-<step>.safetensors)")
             if run_info is not None:
-                check_run_info(run_dir, run_info)
+                try:
+                    check_run_info(run_dir, run_info)
+                except ValueError as err:
+                    raise ValueError(f"{shown}: {err}") from None
             ckpt, skipped = latest_usable_checkpoint(path, run_info)
             if ckpt is None:
                 raise ValueError(f"{shown}: no usable checkpoint in {path}: {'; '.join(skipped)}")
@@ -265,12 +268,21 @@ def find_init_checkpoint(init_from: str | Path) -> Checkpoint:
     return ckpt
 
 
-def load_init_weights(model: torch.nn.Module, ckpt: Checkpoint, init_from: str | Path) -> None:
+def load_init_weights(model: torch.nn.Module, ckpt: Checkpoint, init_from: str | Path) -> list[str]:
     """Copy ``ckpt``'s weights into ``model`` exactly; ``ValueError`` naming the first tensor whose
-    name or shape does not match (the model is left unchanged then)."""
+    name or shape does not match (the model is left unchanged then).
+
+    One exception: a loss-free balancing bias (``*.router.bias``) that this run has and the
+    checkpoint lacks (its run balanced otherwise) starts at zero, as in any new run: with a zero
+    bias the router selects as the checkpoint's did. Returns the names of those biases. The
+    reverse, a bias this run would drop, is refused: selection without it is another function.
+    """
     want = model.state_dict()
-    have = ckpt.model_state
+    have = dict(ckpt.model_state)
     shown = f"init_from={str(init_from)!r} does not fit this run's model"
+    zero_biases = [name for name in want if name.endswith(".router.bias") and name not in have]
+    for name in zero_biases:
+        have[name] = torch.zeros_like(want[name], device="cpu")
     for name in want:
         if name not in have:
             raise ValueError(f"{shown}: it has no tensor {name!r} (a dense checkpoint? make an MoE one with "
@@ -280,9 +292,12 @@ def load_init_weights(model: torch.nn.Module, ckpt: Checkpoint, init_from: str |
                              f"{tuple(want[name].shape)} here")
     extra = [name for name in have if name not in want]
     if extra:
-        raise ValueError(f"{shown}: its tensor {extra[0]!r} has no place in this run's model"
+        hint = (" (its loss-free balancing bias: keep it with bias_update_rate > 0)"
+                if extra[0].endswith(".router.bias") else "")
+        raise ValueError(f"{shown}: its tensor {extra[0]!r} has no place in this run's model{hint}"
                          + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
     model.load_state_dict(have, strict=True)
+    return zero_biases
 
 
 def init_record(ckpt: Checkpoint, init_from: str | Path) -> dict[str, Any]:
@@ -344,6 +359,7 @@ class Trainer:
                              "with expert or data parallelism yet; fine-tune in one process")
         self.init_from: dict[str, Any] | None = None  # run.json's record of the starting weights
         self.freezing: Freezing | None = None
+        self._esft_record: dict[str, Any] | None = None  # how ESFT chose its experts
         if not _resume:
             if cfg.init_from is not None:
                 self._init_weights(overwrite)
@@ -457,8 +473,10 @@ class Trainer:
             raise ValueError(f"init_from={self.cfg.init_from!r} is invalid with overwrite: its checkpoint is in "
                              f"run_dir={str(self.run_dir)!r}, which overwrite would delete; copy it elsewhere or "
                              "choose another run_dir")
-        load_init_weights(self.model, ckpt, self.cfg.init_from)
+        zero_biases = load_init_weights(self.model, ckpt, self.cfg.init_from)
         self.init_from = init_record(ckpt, self.cfg.init_from)
+        if zero_biases:
+            self.init_from["zero_balancing_bias"] = zero_biases
 
     @torch.no_grad()
     def domain_routing_counts(self, domain: str, windows: int = ESFT_WINDOWS) -> torch.Tensor:
@@ -524,9 +542,8 @@ class Trainer:
     def trainable_record(self) -> dict[str, Any]:
         """What ``run.json`` records under ``trainable``: the group, how many values train, ESFT's choice."""
         record = self.freezing.record() if self.freezing is not None else {"group": self.cfg.trainable}
-        esft = getattr(self, "_esft_record", None)
-        if esft is not None:  # how the experts were chosen, beside which
-            record["esft"] = {**esft, **record.get("esft", {})}
+        if self._esft_record is not None:  # how the experts were chosen, beside which
+            record["esft"] = {**self._esft_record, **record.get("esft", {})}
         return record
 
     def _check_same_data(self, accept_change: bool) -> None:
