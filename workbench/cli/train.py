@@ -71,6 +71,13 @@ Every field of the model, MoE and training configs is a flag; defaults are the t
 Start from --preset, apply a --balance recipe, then explicit flags. --resume continues a run
 bit for bit from its newest good checkpoint; see a run with `workbench show RUN_DIR`.
 
+Fine-tuning: --init-from RUN_OR_FILE starts a new run from another run's weights (or a checkpoint
+file, such as `workbench upcycle` writes), with a new optimizer and schedule; every tensor must
+have this run's shape. --trainable freezes all but one group (routers, experts, attention,
+non_moe), or all but the experts ESFT selects by their share of --esft-domain's routing
+(--esft-threshold, --esft-top-n or --esft-top-p). --train-domains draws the training batches from
+some domains only; validation still reports every domain. run.json records what was done.
+
 Several processes: torchrun --nproc-per-node N -m workbench train ... --expert-parallel P
 splits every MoE layer's experts over P ranks (all-to-all of tokens) and shares each step's
 micro-batches out over the N ranks (--grad-accum a multiple of N, by default N; data parallel over
