@@ -215,6 +215,18 @@ def test_generation_trace_matches_routing_and_an_independent_guess():
     assert np.nanmean(off.prefetch_recall(trace, "block_output")) > K / MICRO.moe.num_experts
 
 
+def test_generation_trace_records_one_guess_per_call_in_deeper_models():
+    from dataclasses import replace
+
+    torch.manual_seed(1)
+    model = MoELM(replace(MICRO, n_layers=4)).eval()
+    trace = off.generation_trace(model, [[1, 2, 3], [4, 5, 6]], 5, seed=0)
+    assert trace.expert_ids.shape == (4, 2, 8, 2)
+    for source in off.PREFETCH_SOURCES:
+        guess = trace.prefetch[source]
+        assert (guess[0] == -1).all() and (guess[1:] >= 0).all()
+
+
 def test_hf_generation_trace_matches_a_teacher_forced_forward():
     pytest.importorskip("transformers")
     from tests.interop.test_hf import tiny_model

@@ -424,17 +424,22 @@ class _PrefetchHooks:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         return nxt.ffn.router(x_TD, None).expert_ids_TK
 
+    def _norm(self, nxt: Any, x: Any) -> Any:
+        # the next block's RMSNorm as a function: calling the module would fire its own hook
+        norm = nxt.ffn_norm
+        return self.torch.nn.functional.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
+
     def _norm_hook(self, i: int, nxt: Any):
         def hook(module, args, output):
             with self.torch.no_grad():
                 self.calls[i + 1].append({"gate_input": self._guess(nxt, output),
-                                          "residual": self._guess(nxt, nxt.ffn_norm(args[0]))})
+                                          "residual": self._guess(nxt, self._norm(nxt, args[0]))})
         return hook
 
     def _block_hook(self, i: int, nxt: Any):
         def hook(module, args, output):
             with self.torch.no_grad():
-                self.calls[i + 1][-1]["block_output"] = self._guess(nxt, nxt.ffn_norm(output[0]))
+                self.calls[i + 1][-1]["block_output"] = self._guess(nxt, self._norm(nxt, output[0]))
         return hook
 
     def remove(self) -> None:
@@ -466,6 +471,9 @@ def generation_trace(model: Any, prompts: Sequence[Sequence[int]], max_new_token
     guesses: dict[str, np.ndarray] = {}
     if hooks is not None:
         calls = len(hooks.calls[-1]) if len(hooks.calls) > 1 else 0
+        if any(len(c) != calls for c in hooks.calls[1:]):
+            raise RuntimeError(f"prefetch hooks recorded {[len(c) for c in hooks.calls[1:]]} forward calls per MoE "
+                               "layer; expected one per layer and call")
         _, real_BP = left_pad(result.prompt_tokens, torch.device("cpu"))
         lengths_B = [len(t) for t in result.tokens]
         for name in PREFETCH_SOURCES:
