@@ -535,54 +535,86 @@ def zipf_exponents(traces: dict[int, off.ExpertTrace]) -> Any:
                          for s, t in traces.items() for layer, load in enumerate(t.loads())])
 
 
-def eplb_decode(shape: str, device: str, *, batch: int, context: float, ep: int, redundant: int, exponent: float,
-                precision: str = "bf16", seed: int = 0, end: str = "value") -> dict[str, Any]:
-    """The decode step of ``shape`` when the slowest device sets its time, before (round-robin, no
-    replicas) and after EPLB (``redundant`` replicas), each MoE layer's per-expert load following
-    Zipf's law with ``exponent`` in a random expert order (a different one per layer).
+def _balanced_parts(shp: Any, dev: Any, settings: dict[str, Any], redundant: int, end: str) -> dict[str, float]:
+    """One MoE layer's balanced expert compute, expert weight reads and exposed all-to-all, and the rest
+    of the step, from ``serving.predict_decode`` with ``settings``."""
+    from workbench.bench import serving
 
-    Per MoE layer, a device whose experts receive m times the mean assignments computes m times the
-    balanced expert FLOPs (on the roofline, against the same weight bytes: its expert slots) and
-    receives m times the balanced all-to-all; everything else of the step is the balanced
-    prediction's (``serving.predict_decode``). The step is the sum over layers of the slowest
-    device's time."""
+    d = serving.predict_decode(shp, dev, **settings, redundant_experts=redundant, end=end)
+    n_moe, precision = shp.n_moe_layers, settings.get("precision", "bf16")
+    F = serving.compute_roof(dev, serving.compute_dtype(precision, dev), end)
+    expert = 3 * shp.d_model * shp.expert_hidden
+    T = settings["batch"] * (1 + settings.get("mtp_tokens", 0))
+    bandwidth = dev.get("hbm_tb_s", end) * 1e12
+    return {"compute": 2.0 * T * shp.top_k * expert / F,
+            "weights": d.experts_touched * expert * serving.PRECISION_BYTES[precision] / bandwidth,
+            "a2a": d.parts_s.get("all_to_all", 0.0) / n_moe,
+            "rest": d.step_s - d.parts_s.get("experts", 0.0) - d.parts_s.get("all_to_all", 0.0),
+            "step": d.step_s, "per_step": settings["batch"] * d.tokens_per_step,
+            "expert_share": (d.parts_s.get("experts", 0.0) + d.parts_s.get("all_to_all", 0.0)) / d.step_s}
+
+
+def _step_with_placements(parts: dict[str, float], placements: list[eplb.Placement]) -> float:
+    # each MoE layer waits for its slowest device: m x the balanced expert FLOPs on the roofline
+    # against the same weight reads, and m x the balanced all-to-all
+    layer_s = 0.0
+    for p in placements:
+        m = np.asarray(p.device_loads) / p.mean_load
+        layer_s += float(np.max(np.maximum(m * parts["compute"], parts["weights"]) + m * parts["a2a"]))
+    return parts["rest"] + layer_s
+
+
+def eplb_decode(figure: str, *, exponent: float, redundant: int | None = None, seed: int = 0,
+                end: str = "value") -> dict[str, Any]:
+    """The decode step of a published decode figure's setting (a key of ``serving_published.yaml``:
+    shape, device, batch, context, EP degree, precision, overlap, ...) when the slowest device sets
+    its time: before EPLB (round-robin, no replicas) and after (``redundant`` replicas; default the
+    figure's own, or 32 where it has none), each MoE layer's per-expert load following Zipf's law
+    with ``exponent`` in a random expert order (one per layer, the same before and after).
+
+    A device whose experts receive m times the mean assignments computes m times the balanced expert
+    FLOPs (on the roofline, against the same weight reads: its expert slots) and exchanges m times
+    the balanced (exposed) all-to-all; the rest of the step is ``serving.predict_decode``'s for the
+    figure. ``balanced``: the serving model's own step (every device at the mean)."""
     from workbench.bench import perfmodel as pm
     from workbench.bench import serving
 
-    shp, dev = pm.shape(shape), pm.load_devices()[device]
-    base = serving.predict_decode(shp, dev, batch=batch, context=context, precision=precision, ep=ep,
-                                  redundant_experts=redundant, end=end)
-    n_moe = shp.n_moe_layers
-    F = serving.compute_roof(dev, serving.compute_dtype(precision, dev), end)
-    BW = dev.get("hbm_tb_s", end) * 1e12
-    expert = 3 * shp.d_model * shp.expert_hidden
-    compute = 2.0 * batch * shp.top_k * expert / F  # one layer's expert FLOPs at the balanced share
-    weights = base.experts_touched * expert * serving.PRECISION_BYTES[precision] / BW
-    a2a = base.parts_s.get("all_to_all", 0.0) / n_moe
-    rest = base.step_s - base.parts_s.get("experts", 0.0) - base.parts_s.get("all_to_all", 0.0)
+    p = {q.key: q for q in serving.load_published()}
+    check(figure in p and p[figure].phase == "decode", "figure", "must be a decode figure of serving_published.yaml: "
+          + ", ".join(k for k, q in p.items() if q.phase == "decode"), figure)
+    q = p[figure]
+    shp, dev = pm.shape(q.model), pm.load_devices()[q.device]
+    R = (q.redundant_experts or 32) if redundant is None else redundant
+    settings = {"batch": q.batch, "context": q.context, "precision": q.precision, "ep": q.ep,
+                "kv_precision": q.kv_precision, "overlap": q.overlap, "dispatch_dtype": q.dispatch_dtype,
+                "combine_dtype": q.combine_dtype, "mtp_tokens": q.mtp_tokens, "mtp_acceptance": q.mtp_acceptance,
+                "node_size": q.scale_up_domain}
+    before_parts = _balanced_parts(shp, dev, settings, 0, end)
+    after_parts = _balanced_parts(shp, dev, settings, R, end)
     zipf = np.asarray(serving.zipf_load(shp.num_experts, exponent))
     orders = np.random.default_rng(seed)
-    loads = [zipf[orders.permutation(shp.num_experts)] for _ in range(n_moe)]  # the same before and after
-    steps, imb = {}, {}
-    for name in ("before", "after"):
-        placements = [eplb.round_robin(load, ep) if name == "before" else eplb.place(load, ep, redundant)
-                      for load in loads]
-        layer_s = 0.0
-        for p in placements:
-            m = np.asarray(p.device_loads) / p.mean_load  # each device's load over the mean
-            layer_s += float(np.max(np.maximum(m * compute, weights) + m * a2a))
-        steps[name] = rest + layer_s
-        imb[name] = eplb.layers_imbalance(placements)
-    balanced = rest + n_moe * (max(compute, weights) + a2a)
-    return {"shape": shp.name, "device": device, "batch": batch, "context": context, "ep": ep,
-            "redundant": redundant, "exponent": exponent, "imbalance_before": imb["before"],
-            "imbalance_after": imb["after"], "balanced_step_ms": 1e3 * balanced,
-            "step_ms_before": 1e3 * steps["before"], "step_ms_after": 1e3 * steps["after"],
-            "tokens_per_s_balanced": batch / balanced, "tokens_per_s_before": batch / steps["before"],
-            "tokens_per_s_after": batch / steps["after"], "speedup": steps["before"] / steps["after"],
-            "factor_from_imbalance": eplb.step_time_factor(imb["before"], (base.parts_s.get("experts", 0.0)
-                                                                             + base.parts_s.get("all_to_all", 0.0))
-                                                           / base.step_s)}
+    loads = [zipf[orders.permutation(shp.num_experts)] for _ in range(shp.n_moe_layers)]
+    before = [eplb.round_robin(load, q.ep) for load in loads]
+    after = [eplb.place(load, q.ep, R) for load in loads]
+    step_before = _step_with_placements(before_parts, before)
+    step_after = _step_with_placements(after_parts, after)
+    imb_before = eplb.layers_imbalance(before)
+    return {"figure": figure, "shape": shp.name, "device": q.device, "batch": q.batch, "context": q.context,
+            "ep": q.ep, "redundant": R, "exponent": exponent, "max_over_mean_before": imb_before,
+            "max_over_mean_after": eplb.layers_imbalance(after),
+            "balanced_step_ms": 1e3 * before_parts["step"], "step_ms_before": 1e3 * step_before,
+            "step_ms_after": 1e3 * step_after,
+            "tokens_per_s_balanced": before_parts["per_step"] / before_parts["step"],
+            "tokens_per_s_before": before_parts["per_step"] / step_before,
+            "tokens_per_s_after": after_parts["per_step"] / step_after, "speedup": step_before / step_after,
+            "simple_factor_before": eplb.step_time_factor(imb_before, before_parts["expert_share"])}
+
+
+def eplb_decode_table(figures: Sequence[str], exponents: Sequence[float], *, seed: int = 0) -> Any:
+    """``eplb_decode`` for every figure and Zipf exponent."""
+    import pandas as pd
+
+    return pd.DataFrame([eplb_decode(f, exponent=s, seed=seed) for f in figures for s in exponents])
 
 
 # --- results ------------------------------------------------------------------------------------------
