@@ -116,7 +116,7 @@ def _other_value(cls, name: str, value):
         candidates = [r for r in ROUTERS if r != value]
     else:
         candidates = ["sequence", "global_batch", "proportional", "score", "capacity", "loop", "token_choice",
-                      "bf16", "none", "cpu", "some/file.txt"]
+                      "bf16", "none", "cpu", "some/file.txt", "experts"]
     return candidates
 
 
@@ -159,12 +159,18 @@ def test_every_config_field_is_part_of_the_run_key():
             unvaried.append(f"model.{f.name}")
             continue
         assert run_key(dataclasses.replace(base, model=varied), 0, "v") != key, f"model.{f.name}"
+    # the ESFT fields go together (trainable=esft, init_from, a domain and one rule): bases where each can change
+    esft = {"trainable": "esft", "init_from": "runs/x", "esft_domain": "code"}
+    train_bases = [base.train, *(TrainConfig(**esft, **rule) for rule in
+                                 ({"esft_top_n": 1}, {"esft_threshold": 0.5}, {"esft_top_p": 0.5}))]
     for f in dataclasses.fields(TrainConfig):
-        varied = _vary(base.train, f.name)
+        start = next((t for t in train_bases if _vary(t, f.name) is not None), base.train)
+        varied = _vary(start, f.name)
         if varied is None:
             unvaried.append(f"train.{f.name}")
             continue
-        same = run_key(dataclasses.replace(base, train=varied), 0, "v") == key
+        exp = dataclasses.replace(base, train=start)
+        same = run_key(dataclasses.replace(base, train=varied), 0, "v") == run_key(exp, 0, "v")
         if f.name in ex.NOT_IN_KEY or f.name == "seed":  # the seed is the sweep's, not the config's
             assert same, f"train.{f.name} should not change the key"
         else:
