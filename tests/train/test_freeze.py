@@ -173,7 +173,10 @@ def test_esft_trains_only_the_selected_experts_bit_equal_elsewhere(tmp_path, dom
                        esft_domain="numbers", esft_top_n=1)
     selection = trainer.freezing.selection
     # the selection is ESFT's rule applied to the initial model's routing of the domain's training text
-    assert selection == esft_select(trainer.domain_routing_counts("numbers"), top_n=1)
+    counts = trainer.domain_routing_counts("numbers")
+    assert selection == esft_select(counts, top_n=1)
+    per_layer = counts.sum(dim=1)  # every token of the windows, top_k = 2 assignments each, in every layer
+    assert bool((per_layer == per_layer[0]).all()) and int(per_layer[0]) % (32 * 2) == 0
     record = trainer.trainable_record
     assert record["group"] == "esft" and record["esft"]["experts"] == selection
     assert record["esft"]["domain"] == "numbers" and record["esft"]["rule"] == "top_n"

@@ -13,8 +13,9 @@ of ``MoELM`` (names as ``model.named_parameters()`` gives them):
 ``non_moe``    everything but the routers and the routed experts: embeddings, attention, norms, the
                dense FFNs of dense blocks, the LM head, and the shared experts with their gate.
                ST-MoE's "non-MoE parameters" (Zoph et al. 2022, "ST-MoE: Designing Stable and
-               Transferable Sparse Expert Models", arXiv:2202.08906, sec. 4: fine-tuning only them
-               matches fine-tuning all, while only the MoE parameters does worse)
+               Transferable Sparse Expert Models", arXiv:2202.08906, "fine-tuning a subset of
+               parameters": updating only them does about as well as updating all, only the MoE
+               parameters does markedly worse)
 ``esft``       only the routed experts ESFT selects in each layer (slices of the stacked tensors)
 =============  ==================================================================================
 
