@@ -339,10 +339,15 @@ def trained_models(base: Any, train: Any, seeds: Sequence[int], cache_dir: str |
 def collect_traces(models: dict[int, Any], data: Any, *, prompt_tokens: int = 32, new_tokens: int = 96,
                    per_domain: int = 8, temperature: float = 0.8, say=print) -> dict[int, off.ExpertTrace]:
     """A generation trace per seed's model: ``per_domain`` held-out prompts of each domain (their first
-    ``prompt_tokens`` tokens), continued by ``new_tokens`` sampled tokens, with prefetch guesses."""
+    ``prompt_tokens`` tokens; the domains interleaved), continued by ``new_tokens`` sampled tokens, with
+    prefetch guesses."""
     from workbench.labs.generation import claim_prompts
 
-    prompts, _ = claim_prompts(data, prompt_tokens, per_domain)
+    prompts, domains = claim_prompts(data, prompt_tokens, per_domain)
+    # interleave the domains, so that a decode batch of consecutive sequences mixes requests as a server's
+    # batch would (grouped by domain, a batch's tokens would share their experts more than requests do)
+    order = sorted(range(len(prompts)), key=lambda i: (domains[:i].count(domains[i]), domains[i]))
+    prompts = [prompts[i] for i in order]
     traces = {}
     t0 = time.perf_counter()
     for seed, model in models.items():
@@ -445,6 +450,28 @@ def prefetch_frame(traces: dict[int, off.ExpertTrace]) -> Any:
                 rows.append({"seed": seed, "source": source, "layer": layer, "recall": float(recall[layer]),
                              "random_guess": t.top_k / t.num_experts})
     return pd.DataFrame(rows)
+
+
+def distinct_table(summary: Any, traces: dict[int, off.ExpertTrace]) -> Any:
+    """Per decode batch: the distinct experts a step needs per layer on the generated traces and on the
+    random baseline (mean over layers and seeds), beside ``serving.expected_distinct_experts`` with each
+    layer's trace load (mean over layers and seeds) and with uniform routing."""
+    import pandas as pd
+
+    from workbench.bench import serving
+
+    one = summary[(summary["policy"] == "lru") & (summary["capacity"] == summary["capacity"].max())]
+    rows = []
+    for batch in sorted(one["batch"].unique()):
+        got = {r: float(one[(one["batch"] == batch) & (one["routing"] == r)]["distinct_per_step"].iloc[0])
+               for r in ROUTINGS}
+        expected = np.mean([serving.expected_distinct_experts(t.num_experts, t.top_k, batch, load.tolist())
+                            for t in traces.values() for load in t.loads()])
+        t = next(iter(traces.values()))
+        rows.append({"batch": int(batch), "generated": got[ROUTINGS[0]], "random (same load)": got[ROUTINGS[1]],
+                     "expected (trace load)": float(expected),
+                     "expected (uniform)": serving.expected_distinct_experts(t.num_experts, t.top_k, batch)})
+    return pd.DataFrame(rows).set_index("batch")
 
 
 def plot_hit_rates(summary: Any, batch: int, policies: Sequence[str] | None = None, ax=None):
@@ -615,6 +642,77 @@ def eplb_decode_table(figures: Sequence[str], exponents: Sequence[float], *, see
     import pandas as pd
 
     return pd.DataFrame([eplb_decode(f, exponent=s, seed=seed) for f in figures for s in exponents])
+
+
+# --- what the numbers say ------------------------------------------------------------------------------
+
+
+def _rate(summary: Any, routing: str, batch: int, policy: str, capacity: int) -> float:
+    rows = summary[(summary["routing"] == routing) & (summary["batch"] == batch) & (summary["policy"] == policy)
+                   & (summary["capacity"] == capacity)]
+    return float(rows["hit_rate"].iloc[0]) if len(rows) else math.nan
+
+
+def offload_takeaways(summary: Any, prefetch: Any, num_experts: int, batch: int = 1) -> list[str]:
+    """Sentences computed from the hit-rate summary and the prefetch recall (decode ``batch``)."""
+    gen, rnd = ROUTINGS
+    sub = summary[(summary["routing"] == gen) & (summary["batch"] == batch)]
+    caps = sorted(c for c in sub["capacity"].unique() if c < num_experts)
+    lines = []
+    if not caps:
+        return ["no cache smaller than the expert count was simulated"]
+    belady_best = all(_rate(summary, r, b, "belady", c) >= max(_rate(summary, r, b, "lru", c),
+                                                               _rate(summary, r, b, "lfu", c)) - 1e-12
+                      for r in ROUTINGS for b in summary["batch"].unique() for c in summary["capacity"].unique())
+    lines.append(f"Belady (offline optimum) at least as good as LRU and LFU at every cache size, batch and "
+                 f"routing: {belady_best}.")
+    for c in caps:
+        lines.append(f"batch {batch}, cache of {c} of {num_experts} experts per layer: hit rate LRU "
+                     f"{_rate(summary, gen, batch, 'lru', c):.1%}, LFU {_rate(summary, gen, batch, 'lfu', c):.1%}, "
+                     f"Belady {_rate(summary, gen, batch, 'belady', c):.1%} on the generated traces; LRU "
+                     f"{_rate(summary, rnd, batch, 'lru', c):.1%} and Belady "
+                     f"{_rate(summary, rnd, batch, 'belady', c):.1%} under random routing with the same loads.")
+    mid = caps[len(caps) // 2]
+    per_batch = ", ".join(f"batch {b}: {_rate(summary, gen, b, 'lru', mid):.1%}"
+                          for b in sorted(summary["batch"].unique()))
+    lines.append(f"LRU with a cache of {mid} by decode batch (a step of more sequences needs more experts): "
+                 f"{per_batch}.")
+    above = [c for c in caps if _rate(summary, gen, batch, "lru", c) > _rate(summary, rnd, batch, "lru", c)]
+    lines.append(f"LRU hits more on the generated traces than under random routing with the same loads at "
+                 f"{len(above)} of {len(caps)} cache sizes below {num_experts} (batch {batch}): the gain is the "
+                 "routing's order in time (temporal locality), since the loads are equal.")
+    if len(prefetch):
+        mean = prefetch.groupby("source")["recall"].mean()
+        chance = float(prefetch["random_guess"].iloc[0])
+        parts = ", ".join(f"{src} {mean[src]:.1%}" for src in mean.index)
+        lines.append(f"prefetch: the next MoE layer's router applied to this layer's state names, on average over "
+                     f"layers and seeds, {parts} of the next layer's experts (a random guess: {chance:.0%}).")
+        for c in caps[:3]:
+            name = "lru+gate_input"
+            if name in set(sub["policy"]):
+                lines.append(f"with that guess prefetched (LRU + gate input) a cache of {c} hits "
+                             f"{_rate(summary, gen, batch, name, c):.1%} against LRU's "
+                             f"{_rate(summary, gen, batch, 'lru', c):.1%} (all layers; the first has no guess).")
+    return lines
+
+
+def eplb_takeaways(trace_table: Any, decode_table: Any) -> list[str]:
+    """Sentences computed from the EPLB tables."""
+    lines = []
+    mean = trace_table.groupby(["devices", "redundant"])[["before", "after"]].mean()
+    for (G, R), r in mean.iterrows():
+        if R in (0, max(trace_table["redundant"])):
+            lines.append(f"trace loads on {G} devices, {R} redundant replicas: max / mean device load "
+                         f"{r['before']:.3f} round-robin -> {r['after']:.3f} EPLB (mean over seeds; summed over "
+                         "MoE layers).")
+    for _, r in decode_table.iterrows():
+        lines.append(f"{r['figure']} ({r['shape']} on {r['device']}, EP{r['ep']}, batch {r['batch']}), Zipf exponent "
+                     f"{r['exponent']:.2f}: max / mean {r['max_over_mean_before']:.2f} -> "
+                     f"{r['max_over_mean_after']:.2f} with {r['redundant']} replicas; "
+                     f"{r['tokens_per_s_before']:,.0f} -> "
+                     f"{r['tokens_per_s_after']:,.0f} tokens/s per device ({r['speedup']:.2f}x; balanced "
+                     f"{r['tokens_per_s_balanced']:,.0f}).")
+    return lines
 
 
 # --- results ------------------------------------------------------------------------------------------
