@@ -29,6 +29,7 @@ Shape legend: E experts, R redundant replicas, G devices, L MoE layers.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -143,7 +144,8 @@ def _improve_by_swaps(where: np.ndarray, load: np.ndarray, experts: np.ndarray, 
                       budget: int) -> None:
     """Swap a replica of the most-loaded device with a lighter one elsewhere while that lowers the
     larger of the two devices' loads below the maximum (slot counts stay equal); in place."""
-    holds = [set(experts[where == d].tolist()) for d in range(dev_load.size)]
+    # replicas of each expert per device (an expert with more replicas than devices shares one)
+    holds = [Counter(experts[where == d].tolist()) for d in range(dev_load.size)]
     for _ in range(budget):
         top = int(np.argmax(dev_load))
         best = None
@@ -156,7 +158,7 @@ def _improve_by_swaps(where: np.ndarray, load: np.ndarray, experts: np.ndarray, 
                 if new_max[n] >= dev_load[top] - 1e-12 or (best is not None and new_max[n] >= best[0]):
                     break
                 j, other = int(lighter[n]), int(others[n])
-                if experts[i] in holds[other] or experts[j] in holds[top]:
+                if holds[other][int(experts[i])] > 0 or holds[top][int(experts[j])] > 0:
                     continue  # keep replicas of one expert apart
                 best = (float(new_max[n]), int(i), j, other, float(delta[n]))
                 break
@@ -164,10 +166,10 @@ def _improve_by_swaps(where: np.ndarray, load: np.ndarray, experts: np.ndarray, 
             return
         _, i, j, other, delta = best
         where[i], where[j] = other, top
-        holds[top].discard(int(experts[i]))
-        holds[top].add(int(experts[j]))
-        holds[other].discard(int(experts[j]))
-        holds[other].add(int(experts[i]))
+        holds[top][int(experts[i])] -= 1
+        holds[top][int(experts[j])] += 1
+        holds[other][int(experts[j])] -= 1
+        holds[other][int(experts[i])] += 1
         dev_load[top] -= delta
         dev_load[other] += delta
 

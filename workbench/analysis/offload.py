@@ -49,7 +49,7 @@ import inspect
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -527,7 +527,3 @@ def hf_generation_trace(model: Any, prompt_ids: Any, max_new_tokens: int, *, sou
     ids = torch.stack([torch.cat([s[layer] for s in per_step], dim=1) for layer in range(len(per_step[0]))])
     return ExpertTrace(ids.cpu().numpy().astype(np.int64), _num_experts(model.config), P, {},
                        source or f"{model.config.model_type} (Hugging Face)", torch.cat(tokens, dim=1).numpy())
-
-
-def with_source(trace: ExpertTrace, source: str) -> ExpertTrace:
-    return replace(trace, source=source)
