@@ -63,7 +63,7 @@ def test_esft_refuses_a_layer_that_routed_nothing():
 
 
 @pytest.mark.parametrize("kw, needle", [
-    ({"trainable": "everything"}, "trainable='everything' is invalid: allowed values are all, non_moe"),
+    ({"trainable": "everything"}, "trainable='everything' is invalid: allowed values are all, non_router, non_moe"),
     ({"trainable": "esft", "init_from": "x", "esft_domain": "code", "esft_threshold": 1.5},
      "esft_threshold=1.5 is invalid: must be a fraction in [0, 1]"),
     ({"trainable": "esft", "init_from": "x", "esft_domain": "code", "esft_top_p": -1.0}, "esft_top_p=-1.0"),
@@ -89,13 +89,15 @@ RICH = dataclasses.replace(MICRO_MODEL, first_dense_layers=1, n_layers=2, moe=da
 def test_every_group_is_the_parameters_its_name_says():
     model = MoELM(RICH)
     names = set(dict(model.named_parameters()))
-    group = {g: set(parameter_group(model, g)) for g in ("all", "routers", "experts", "attention", "non_moe")}
+    group = {g: set(parameter_group(model, g))
+             for g in ("all", "routers", "experts", "attention", "non_moe", "non_router")}
     assert group["all"] == names
     assert group["routers"] == {"blocks.1.ffn.router.weight", "blocks.1.ffn.router.expert_embed",
                                 "blocks.1.ffn.router.log_inv_temperature"}
     assert group["experts"] == {f"blocks.1.ffn.experts.{w}" for w in ("w1", "w2", "w3")}
     assert group["attention"] == {f"blocks.{i}.attn.{w}.weight" for i in (0, 1) for w in ("qkv", "out")}
     assert group["non_moe"] == names - group["routers"] - group["experts"]
+    assert group["non_router"] == names - group["routers"]  # frozen routers: everything else trains
     # shared experts and their gate, the dense block's FFN, norms, embeddings: non-MoE
     assert {"blocks.1.ffn.shared_experts.w1.weight", "blocks.1.ffn.shared_gate.weight", "blocks.0.ffn.w1.weight",
             "embed.weight", "lm_head.weight", "norm.weight", "blocks.0.attn_norm.weight"} <= group["non_moe"]
@@ -104,7 +106,7 @@ def test_every_group_is_the_parameters_its_name_says():
 
 def test_a_dense_model_has_no_router_or_expert_group():
     dense = MoELM(dataclasses.replace(MICRO_MODEL, moe=None))
-    for g in ("routers", "experts", "esft"):
+    for g in ("non_router", "routers", "experts", "esft"):
         with pytest.raises(ValueError, match=f"trainable='{g}' is invalid: the model has no MoE layer"):
             parameter_group(dense, g)
     assert set(parameter_group(dense, "non_moe")) == set(dict(dense.named_parameters()))
@@ -138,7 +140,7 @@ def _biases(trainer: Trainer) -> list[torch.Tensor]:
     return [layer.router.bias.clone() for layer in trainer.model.moe_layers()]
 
 
-@pytest.mark.parametrize("group", ["routers", "experts", "attention", "non_moe"])
+@pytest.mark.parametrize("group", ["routers", "experts", "attention", "non_moe", "non_router"])
 def test_frozen_parameters_are_bit_equal_after_steps_and_the_rest_move(tmp_path, domain_folder, group):
     trainer = _trainer(tmp_path, domain_folder, trainable=group)
     trained = set(parameter_group(trainer.model, group))

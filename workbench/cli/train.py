@@ -73,9 +73,10 @@ bit for bit from its newest good checkpoint; see a run with `workbench show RUN_
 
 Fine-tuning: --init-from RUN_OR_FILE starts a new run from another run's weights (or a checkpoint
 file, such as `workbench upcycle` writes), with a new optimizer and schedule; every tensor must
-have this run's shape. --trainable freezes all but one group (routers, experts, attention,
-non_moe), or all but the experts ESFT selects by their share of --esft-domain's routing
-(--esft-threshold, --esft-top-n or --esft-top-p). --train-domains draws the training batches from
+have this run's shape. --trainable trains one group and freezes the rest: routers, experts,
+attention, non_moe, or non_router (everything but the routers: fine-tuning with frozen routers);
+or esft, only the experts selected by their share of --esft-domain's routing (--esft-threshold,
+--esft-top-n or --esft-top-p). --train-domains draws the training batches from
 some domains only; validation still reports every domain. run.json records what was done.
 
 Several processes: torchrun --nproc-per-node N -m workbench train ... --expert-parallel P

@@ -12,7 +12,7 @@ from workbench.validation import check_int, check_real
 AUTOCAST = ("auto", "bf16", "none")
 DEVICES = ("auto", "cpu", "cuda[:N]", "npu[:N]", "mps")
 # Which parameters a run trains (``workbench.train.freeze`` defines each group by parameter name).
-TRAINABLE = ("all", "non_moe", "routers", "experts", "attention", "esft")
+TRAINABLE = ("all", "non_router", "non_moe", "routers", "experts", "attention", "esft")
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed accepts
 
 

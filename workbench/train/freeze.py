@@ -5,6 +5,8 @@ of ``MoELM`` (names as ``model.named_parameters()`` gives them):
 
 =============  ==================================================================================
 ``all``        every parameter (the default: ordinary training)
+``non_router`` everything but the routers: fine-tuning with frozen routers (the routing, and the
+               loss-free bias with it, stays as pretrained while experts and the rest adapt)
 ``routers``    each MoE layer's router, ``blocks.N.ffn.router.*``: the gate ``weight``, and what a
                router adds (noisy top-k's ``noise_weight``; cosine's ``expert_embed`` and
                ``log_inv_temperature``)
@@ -62,7 +64,7 @@ from workbench.train.config import TRAINABLE
 from workbench.validation import check as _check
 
 # Groups whose routers do not train: their loss-free balancing bias is held fixed too.
-ROUTER_FROZEN = ("non_moe", "experts", "attention", "esft")
+ROUTER_FROZEN = ("non_router", "non_moe", "experts", "attention", "esft")
 
 
 def _moe_layers(model: nn.Module) -> list[nn.Module]:
@@ -80,7 +82,7 @@ def parameter_group(model: nn.Module, group: str) -> dict[str, nn.Parameter]:
     if group == "all":
         return named
     layers = _moe_layers(model)
-    if group in ("routers", "experts", "esft") and not layers:
+    if group in ("non_router", "routers", "experts", "esft") and not layers:
         _check(False, "trainable", "the model has no MoE layer (a dense model has no routers or experts)", group)
     routers = {id(p) for layer in layers for p in layer.router.parameters()}
     experts = {id(p) for layer in layers for p in layer.experts.parameters()}
@@ -88,6 +90,8 @@ def parameter_group(model: nn.Module, group: str) -> dict[str, nn.Parameter]:
         chosen = routers
     elif group in ("experts", "esft"):
         chosen = experts
+    elif group == "non_router":
+        chosen = {id(p) for p in named.values()} - routers
     elif group == "attention":
         chosen = {id(p) for block in model.blocks for p in block.attn.parameters()}
     else:  # non_moe
