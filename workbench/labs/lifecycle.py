@@ -91,11 +91,11 @@ UPCYCLE_METHODS: dict[str, dict[str, Any]] = {
 }
 GRANULARITY = 2  # granular upcycling: each expert of the coarse MoE becomes 2 experts of half its width
 
-# Fine-tuning methods on the MoE (name -> TrainConfig fields), and the dense twin's. "Frozen routers"
-# (everything but the routers) is not one of workbench.train.freeze's groups, so it is not run.
+# Fine-tuning methods on the MoE (name -> TrainConfig fields), and the dense twin's.
 ESFT_TOP_P = 0.3  # ESFT: each layer's fewest experts holding >= 30% of the new domain's routing
 FINETUNES: dict[str, dict[str, Any]] = {
     "full": {"trainable": "all"},
+    "frozen routers": {"trainable": "non_router"},
     "non-MoE only (ST-MoE)": {"trainable": "non_moe"},
     "experts only": {"trainable": "experts"},
     "ESFT": {"trainable": "esft", "esft_domain": NEW_DOMAIN, "esft_top_p": ESFT_TOP_P},
@@ -705,6 +705,36 @@ def granular_claim(curves: Any) -> dict[str, Any]:
                         f"< -{NOISE_SE:g} paired SE: {_outcome(holds)}.")}
 
 
+def restart_table(curves: Any) -> Any:
+    """The arms that start from the dense checkpoint, per arm (mean ± std over seeds): the in-domain
+    loss at their step 0 beside the dense run's final loss (paired difference and SE: 0 when the
+    upcycled model computes the dense function), and the highest loss the run reaches after step
+    0, with its step (a new warmup to the peak learning rate can undo some of the start)."""
+    import pandas as pd
+
+    final = final_frame(curves)
+    dense = _by_seed(final, DENSE, "in_domain")
+    rows = []
+    for arm in (*UPCYCLED, CONTINUED):
+        runs = curves[curves["name"] == arm]
+        if runs.empty:
+            continue
+        start, peak, peak_step = {}, {}, {}
+        for seed, g in runs.groupby("seed"):
+            g = g.sort_values("step")
+            start[int(seed)] = float(g["in_domain"].iloc[0])
+            later = g.iloc[1:] if len(g) > 1 else g
+            top = later.loc[later["in_domain"].idxmax()]
+            peak[int(seed)], peak_step[int(seed)] = float(top["in_domain"]), int(top["step"])
+        diff = paired(start, dense)
+        rise = paired(peak, start)
+        rows.append({"arm": arm, "step0_loss": mean_std(start)[0], "step0_loss_std": mean_std(start)[1],
+                     "step0_minus_dense": diff["mean"], "step0_minus_dense_se": diff["se"],
+                     "peak_minus_step0": rise["mean"], "peak_minus_step0_se": rise["se"],
+                     "peak_step": sum(peak_step.values()) / len(peak_step)})
+    return pd.DataFrame(rows).set_index("arm")
+
+
 def budget_table(runs: Any) -> Any:
     """Part 1's runs: steps, FLOPs per token and total training FLOPs (mean over seeds: equal)."""
     part1 = runs[runs["name"].isin(PART1)]
@@ -906,7 +936,8 @@ def _shares(matrix_DE: Any) -> torch.Tensor:
 def plot_routing_panels(routing: list[dict[str, Any]], names: list[str], seed: int, layer: int, axes=None):
     """Each domain's share of its assignments per expert in MoE layer ``layer`` at seed ``seed``:
     first before fine-tuning (the first run's step 0: every fine-tune starts from the same weights),
-    then after each run of ``names``; one heatmap per panel, the new domain's row outlined."""
+    then after each run of ``names``; one heatmap per panel on one colour scale (0 to the largest
+    share), the new domain's row outlined."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
@@ -914,9 +945,10 @@ def plot_routing_panels(routing: list[dict[str, Any]], names: list[str], seed: i
     panels = [("before fine-tuning", at[(names[0], "before")])] + [(f"after: {n}", at[(n, "after")]) for n in names]
     if axes is None:
         _, axes = plt.subplots(len(panels), 1, figsize=(7, 1.9 * len(panels)))
+    top = max(float(_shares(r["matrix"][layer]).max()) for _, r in panels)
     for ax, (title, r) in zip(axes, panels, strict=True):
         share = _shares(r["matrix"][layer])
-        im = ax.imshow(share.numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+        im = ax.imshow(share.numpy(), cmap="viridis", vmin=0, vmax=top, aspect="auto")
         ax.set_yticks(range(len(r["domains"])), r["domains"], fontsize=8)
         ax.set_xticks(range(share.shape[1]))
         if NEW_DOMAIN in r["domains"]:
