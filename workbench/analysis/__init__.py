@@ -8,7 +8,12 @@ zoo side by side (one fixed batch, before and after a short run).
 - ``routing``: a single text's route, layer by layer, and domain specialization;
 - ``traces``: streamed, bounded-memory routing counts of a model over a dataset;
 - ``specialization``: the OLMoE specialization analyses of those counts, each beside the score of
-  random routing with the same per-expert load.
+  random routing with the same per-expert load;
+- ``inference``: the routing of generated text (temporal locality against chance) and the
+  inference-time knobs (a smaller top-k, dropped experts, a capacity limit), notebook 06;
+- ``offload``: decode routing traces and the expert-cache simulator (LRU, LFU, Belady, next-layer
+  prefetch), notebook 07;
+- ``eplb``: expert placement with redundant replicas for expert-parallel serving, notebook 07.
 
 The figures for all of them are in ``workbench.viz``.
 """
