@@ -9,7 +9,7 @@ Everything pretrains on three domains of the built-in corpus (``PRETRAIN_DOMAINS
 - ``dense``: a dense model (the MoE's shape with one FFN of the experts' width) trained
   ``dense_steps``; its training FLOPs are counted in every arm that starts from it;
 - ``upcycled copy`` / ``upcycled drop`` / ``upcycled granular``: the dense checkpoint turned into
-  an MoE (``workbench.upcycle``: every expert a copy of the FFN (Komatsuzaki et al. 2023,
+  an MoE (``workbench.upcycle``: every expert a copy of the FFN (Komatsuzaki et al. 2022,
   arXiv:2212.05055); Drop-Upcycling's copies with half of each expert's hidden units
   re-initialised (Nakamura et al. 2025, arXiv:2502.19261); or the FFN cut into finer experts,
   granular upcycling), then trained ``upcycle_steps`` with a new optimizer and schedule;
