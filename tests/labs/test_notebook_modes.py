@@ -1,4 +1,4 @@
-"""The long notebooks (02, 03, 06, 07) open on their committed results: the first code cell is tagged
+"""The long notebooks (02, 03, 06, 07, 08) open on their committed results: the first code cell is tagged
 ``parameters``, takes its mode from one environment variable (``WORKBENCH_MODE``; ``WORKBENCH_SMOKE=1``
 still means smoke), defaults to results, and the committed files that results mode reads exist and load.
 A missing results file fails here, not in the notebook."""
@@ -11,11 +11,11 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from workbench.labs import balancing, generation, modes, serving, specialization
+from workbench.labs import balancing, generation, lifecycle, modes, serving, specialization
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = {"02_load_balancing": balancing, "03_expert_specialization": specialization,
-             "06_generation": generation, "07_serving": serving}
+             "06_generation": generation, "07_serving": serving, "08_upcycling_and_finetuning": lifecycle}
 
 
 def _first_cells(stem: str):
@@ -69,6 +69,10 @@ def test_results_mode_has_the_committed_files_it_reads(stem, monkeypatch):
     if lab is serving:  # the results JSON and the routing traces of one model per seed
         results, traces = loaded
         assert len(results["train"]) >= 3 and set(traces) == {r["seed"] for r in results["train"]}
+        return
+    if lab is lifecycle:  # one JSON of tables: every run of every seed, with its FLOPs
+        runs = loaded["runs"]
+        assert runs["seed"].nunique() >= 3 and (runs["flops"] > 0).all()
         return
     if lab is generation:  # one JSON of tables: one row per seed's trained model
         runs = loaded["train"]
