@@ -219,6 +219,12 @@ def test_cli_fine_tunes_with_esft_and_says_what_trains(tmp_path, capsys, domain_
     experts = info["trainable"]["esft"]["experts"]
     assert [len(row) for row in experts] == [1, 1]
     assert info["trainable"]["esft"]["rule"] == "top_n" and info["trainable"]["router_bias"] == "frozen"
+    # workbench show reads both records back from run.json
+    code, out, err = run_cli(capsys, "show", str(tmp_path / "ft"))
+    assert code == 0, err
+    assert f"started from: {info['init_from']['path']} (step 3, weights only" in out
+    assert f"trainable: esft, {info['trainable']['parameters']:,} of" in out
+    assert "ESFT experts per MoE layer: " + " | ".join(str(row) for row in experts) in out
 
 
 def test_a_balancing_bias_the_checkpoint_lacks_starts_at_zero_and_one_it_has_must_be_kept(tmp_path, domain_folder,

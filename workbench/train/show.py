@@ -273,6 +273,9 @@ def describe_run(run_dir: str | Path) -> dict[str, Any]:
     info["mfu"] = summary.get("mfu") if summary else None
     info["tokens_seen"] = rows[-1].get("tokens_seen") if rows else None
     info["wandb_run_id"] = run.get("wandb_run_id") if run else None
+    # fine-tuning: where the starting weights came from, and what trained (run.json's records)
+    info["init_from"] = run.get("init_from") if run else None
+    info["trainable"] = run.get("trainable") if run else None
     return json_safe(info)
 
 
@@ -308,6 +311,19 @@ def format_run(info: dict[str, Any]) -> str:
     data = t.get("data") or f"built-in corpus ({t.get('max_bytes_per_domain')} bytes per domain)"
     lines.append(f"training: batch {t.get('batch_size')} x {t.get('grad_accum')} accumulation, lr {t.get('lr')}, "
                  f"seed {t.get('seed')}, device {t.get('device')}; data: {data}")
+    init = info.get("init_from")
+    if isinstance(init, dict):
+        lines.append(f"started from: {init.get('path')} (step {init.get('step')}, weights only; new optimizer "
+                     "and schedule)")
+    trained = info.get("trainable")
+    if isinstance(trained, dict) and trained.get("group", "all") != "all":
+        line = f"trainable: {trained.get('group')}"
+        if isinstance(trained.get("parameters"), int) and isinstance(trained.get("of"), int):
+            line += f", {trained['parameters']:,} of {trained['of']:,} parameters"
+        esft = trained.get("esft")
+        if isinstance(esft, dict) and isinstance(esft.get("experts"), list):
+            line += "; ESFT experts per MoE layer: " + " | ".join(str(e) for e in esft["experts"])
+        lines.append(line)
     nd = info.get("non_default") or {}
     if nd:
         against = f" (the {info['defaults_preset']} preset's)" if info.get("defaults_preset") else ""
