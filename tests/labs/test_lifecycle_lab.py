@@ -7,15 +7,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import nbformat
 import pandas as pd
 import pytest
 import torch
 
 import workbench
 from tests.analysis.helpers import MICRO
+from tests.labs.notebook_cells import first_cells, parameters
 from workbench.labs import lifecycle as lab
-from workbench.labs import modes
 from workbench.model import MoELM
 from workbench.train import TrainConfig
 
@@ -310,38 +309,12 @@ def test_save_and_load_results_round_trip(tmp_path):
 # --- notebook 08: its first cell, and the committed results its results mode reads --------------------
 
 
-def _first_cells():
-    nb = nbformat.read(ROOT / "notebooks" / f"{STEM}.ipynb", as_version=4)
-    markdown = next(c for c in nb.cells if c.cell_type == "markdown")
-    code = next(c for c in nb.cells if c.cell_type == "code")
-    return markdown, code
-
-
-def _parameters(monkeypatch, **env: str) -> dict:
-    for name in (modes.ENV, modes.SMOKE_ENV):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.chdir(ROOT / "notebooks")
-    namespace: dict = {}
-    exec(compile(_first_cells()[1].source, f"{STEM}[parameters]", "exec"), namespace)  # noqa: S102
-    return namespace
-
-
-def test_first_code_cell_is_the_tagged_mode_parameter(monkeypatch):
-    markdown, code = _first_cells()
-    assert "parameters" in code.metadata.get("tags", [])
-    assert code.source.count("notebook_mode()") == 1 and 'environ.get("WORKBENCH' not in code.source
-    for word in ("results", "smoke", "full", "WORKBENCH_MODE", "WORKBENCH_SMOKE=1", "SAVE_RESULTS"):
-        assert word in markdown.source
-    assert "min measured" in code.source  # the full mode's measured runtime is stated
-    p = _parameters(monkeypatch)
-    assert p["MODE"] == "results" and p["SAVE_RESULTS"] is False and p["SMOKE"] is False
-    assert p["RESULTS_DIR"] == ROOT / "notebooks" / "results" / STEM and p["OUT_DIR"].is_relative_to(ROOT / "runs")
-    assert len(p["SEEDS"]) >= 3
-    smoke = _parameters(monkeypatch, WORKBENCH_SMOKE="1")
+def test_first_cell_states_the_runtime_and_sizes_each_mode(monkeypatch):
+    """What is particular to notebook 08's first cell (the shared checks: tests/labs/test_notebook_modes.py)."""
+    assert "min measured" in first_cells(STEM)[1].source  # the full mode's measured runtime is stated
+    assert len(parameters(STEM, monkeypatch)["SEEDS"]) >= 3
+    smoke = parameters(STEM, monkeypatch, WORKBENCH_SMOKE="1")
     assert smoke["SMOKE"] is True and smoke["DENSE_STEPS"] < 20 and len(smoke["SEEDS"]) <= 2
-    assert _parameters(monkeypatch, WORKBENCH_MODE="full")["MODE"] == "full"
 
 
 def test_committed_results_hold_what_the_notebook_draws():

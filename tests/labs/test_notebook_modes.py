@@ -11,6 +11,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from tests.labs.notebook_cells import first_cells, parameters
 from workbench.labs import balancing, generation, lifecycle, modes, serving, specialization
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -18,28 +19,9 @@ NOTEBOOKS = {"02_load_balancing": balancing, "03_expert_specialization": special
              "06_generation": generation, "07_serving": serving, "08_upcycling_and_finetuning": lifecycle}
 
 
-def _first_cells(stem: str):
-    nb = nbformat.read(ROOT / "notebooks" / f"{stem}.ipynb", as_version=4)
-    markdown = next(c for c in nb.cells if c.cell_type == "markdown")
-    code = next(c for c in nb.cells if c.cell_type == "code")
-    return markdown, code
-
-
-def _parameters(stem: str, monkeypatch, **env: str) -> dict:
-    """The namespace the notebook's first code cell leaves, run from notebooks/ with ``env`` only."""
-    for name in (modes.ENV, modes.SMOKE_ENV):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.chdir(ROOT / "notebooks")
-    namespace: dict = {}
-    exec(compile(_first_cells(stem)[1].source, f"{stem}[parameters]", "exec"), namespace)  # noqa: S102
-    return namespace
-
-
 @pytest.mark.parametrize("stem", NOTEBOOKS)
 def test_first_code_cell_is_the_tagged_mode_parameter(stem):
-    markdown, code = _first_cells(stem)
+    markdown, code = first_cells(stem)
     assert "parameters" in code.metadata.get("tags", []), f"{stem}: first code cell lacks the parameters tag"
     assert code.source.count("notebook_mode()") == 1  # the one place the environment is read for the mode
     assert 'environ.get("WORKBENCH' not in code.source  # the mode's variables are read by notebook_mode only
@@ -49,20 +31,20 @@ def test_first_code_cell_is_the_tagged_mode_parameter(stem):
 
 @pytest.mark.parametrize("stem", NOTEBOOKS)
 def test_mode_defaults_to_results_and_follows_the_environment(stem, monkeypatch):
-    p = _parameters(stem, monkeypatch)
+    p = parameters(stem, monkeypatch)
     assert p["MODE"] == "results" and p["SAVE_RESULTS"] is False and p["SMOKE"] is False
     assert p["RESULTS_DIR"] == ROOT / "notebooks" / "results" / stem
     assert p["OUT_DIR"].is_relative_to(ROOT / "runs")  # smoke and full write under runs/, never the results
-    assert _parameters(stem, monkeypatch, WORKBENCH_SMOKE="1")["MODE"] == "smoke"
-    assert _parameters(stem, monkeypatch, WORKBENCH_SMOKE="1")["SMOKE"] is True
-    assert _parameters(stem, monkeypatch, WORKBENCH_MODE="full")["MODE"] == "full"
-    assert _parameters(stem, monkeypatch, WORKBENCH_MODE="results")["MODE"] == "results"
+    assert parameters(stem, monkeypatch, WORKBENCH_SMOKE="1")["MODE"] == "smoke"
+    assert parameters(stem, monkeypatch, WORKBENCH_SMOKE="1")["SMOKE"] is True
+    assert parameters(stem, monkeypatch, WORKBENCH_MODE="full")["MODE"] == "full"
+    assert parameters(stem, monkeypatch, WORKBENCH_MODE="results")["MODE"] == "results"
 
 
 @pytest.mark.parametrize("stem", NOTEBOOKS)
 def test_results_mode_has_the_committed_files_it_reads(stem, monkeypatch):
     lab = NOTEBOOKS[stem]
-    folder = _parameters(stem, monkeypatch)["RESULTS_DIR"]
+    folder = parameters(stem, monkeypatch)["RESULTS_DIR"]
     for name in lab.RESULTS_FILES:
         assert (folder / name).is_file(), f"{stem}: committed results file {folder / name} is missing"
     loaded = lab.load_results(folder)

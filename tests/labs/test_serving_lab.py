@@ -16,7 +16,6 @@ import torch
 
 from tests.analysis.helpers import MICRO
 from workbench.analysis import offload as off
-from workbench.labs import modes
 from workbench.labs import serving as lab
 from workbench.model import MoELM
 
@@ -181,9 +180,3 @@ def test_committed_results_hold_what_the_notebook_draws():
     summary = pd.DataFrame(committed["hit_rates"])
     assert set(summary["routing"]) == set(lab.ROUTINGS)
     assert not math.isnan(summary["hit_rate"].mean())
-
-
-def test_mode_defaults_to_results(monkeypatch):
-    monkeypatch.delenv(modes.ENV, raising=False)
-    monkeypatch.delenv(modes.SMOKE_ENV, raising=False)
-    assert modes.notebook_mode() == "results"
