@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -487,16 +486,7 @@ def _refuse_existing(out: Path, overwrite: bool) -> None:
 
 
 def _write(out: Path, model: nn.Module, cfg: ModelConfig, report: UpcycleReport) -> None:
-    from safetensors.torch import save_file
-
-    from workbench.train.checkpoint import (
-        FORMAT,
-        CheckpointError,
-        _fsync_dir,
-        _umask,
-        capture_rng_state,
-        tensors_digest,
-    )
+    from workbench.train.checkpoint import FORMAT, CheckpointError, capture_rng_state, tensors_digest, write_atomically
     from workbench.train.config import TrainConfig
 
     tensors = {f"model/{k}": v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
@@ -515,19 +505,10 @@ def _write(out: Path, model: nn.Module, cfg: ModelConfig, report: UpcycleReport)
         "upcycle": json.dumps(report.to_dict()),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_umask())
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise CheckpointError(f"could not write {out}: {err.strerror or err}") from err
-        raise
-    _fsync_dir(out.parent)
+        write_atomically(tensors, metadata, out)
+    except OSError as err:
+        raise CheckpointError(f"could not write {out}: {err.strerror or err}") from err
 
 
 def read_upcycle_metadata(path: str | Path) -> dict[str, Any] | None:

@@ -176,6 +176,25 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
         "rng_python": json.dumps(rng["python"]),
     }
     final = checkpoint_path(run_dir, step)
+    try:
+        write_atomically(tensors, metadata, final)
+    except BaseException as err:
+        if isinstance(err, OSError) or _is_io_error(err):
+            previous = list_checkpoints(run_dir)
+            kept = (f"the previous checkpoint {previous[-1][1]} is kept" if previous
+                    else "no earlier checkpoint exists")
+            raise CheckpointError(f"could not write checkpoint {final}: {_describe_os_error(err)}; {kept}") from err
+        raise
+    if keep is not None:
+        for _, old in list_checkpoints(run_dir)[:-keep]:
+            old.unlink(missing_ok=True)
+    return final
+
+
+def write_atomically(tensors: dict[str, torch.Tensor], metadata: dict[str, str], final: Path) -> None:
+    """Write a safetensors file so that ``final`` is either what it was or complete: a temporary
+    file beside it, fsynced, renamed over it, then the folder fsynced. On any error, Ctrl-C
+    included, the temporary file is removed and the error raised as it came (callers word it)."""
     tmp = final.with_name(final.name + ".tmp")
     try:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -185,19 +204,10 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)
-    except BaseException as err:  # KeyboardInterrupt too: never leave a temporary file behind
+    except BaseException:  # KeyboardInterrupt too: never leave a temporary file behind
         tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError) or _is_io_error(err):
-            previous = list_checkpoints(run_dir)
-            kept = (f"the previous checkpoint {previous[-1][1]} is kept" if previous
-                    else "no earlier checkpoint exists")
-            raise CheckpointError(f"could not write checkpoint {final}: {_describe_os_error(err)}; {kept}") from err
         raise
-    _fsync_dir(run_dir)
-    if keep is not None:
-        for _, old in list_checkpoints(run_dir)[:-keep]:
-            old.unlink(missing_ok=True)
-    return final
+    _fsync_dir(final.parent)
 
 
 def _umask() -> int:
