@@ -100,7 +100,6 @@ class KVCache:
         # set by begin_step, read by every layer of the step
         self.slots_S: torch.Tensor | None = None
         self.mask_B1SW: torch.Tensor | None = None
-        self.positions_BS: torch.Tensor | None = None
 
     @property
     def free_slots(self) -> int | None:
@@ -138,7 +137,6 @@ class KVCache:
         # scaled_dot_product_attention: let it attend to every slot; its output is never read
         mask_BSW |= ~mask_BSW.any(dim=-1, keepdim=True)
         self.mask_B1SW = mask_BSW[:, None]
-        self.positions_BS = positions_BS
         index_BS = positions_BS.clamp(min=0)
         return self.rope_cos[index_BS][:, None], self.rope_sin[index_BS][:, None]
 

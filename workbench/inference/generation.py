@@ -216,15 +216,9 @@ def stream_generate(model: torch.nn.Module, prompts: Prompt | Sequence[Prompt], 
                         real_BP = torch.cat([real_BP, real_BP.new_ones(B, 1)], dim=1)
                         cache = KVCache(model, B, tokens_BP.shape[1], max_positions=tokens_BP.shape[1])
                         out = model.forward_cached(tokens_BP, cache, None if bool(real_BP.all()) else real_BP)
-                        if record_routing:  # keep the last token's routing only, as a cached step records it
-                            for info in out.routing:
-                                ro = info.router_output
-                                ro.expert_ids_TK, ro.weights_TK, ro.scores_TE = (
-                                    t.view(B, -1, t.shape[-1])[:, -1] for t in (ro.expert_ids_TK, ro.weights_TK,
-                                                                                 ro.scores_TE))
                 logits_BV = out.logits[:, -1]
-                if record_routing:
-                    steps.append(_routing_of(out))
+                if record_routing:  # the new token's routing only (the recompute routes the whole prefix)
+                    steps.append(_routing_of(out, last_only=not use_cache, batch=B))
             if last:
                 break
     finally:
@@ -268,9 +262,14 @@ def generate(model: torch.nn.Module, prompts: Prompt | Sequence[Prompt], max_new
             return done.value
 
 
-def _routing_of(out) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    return [(r.router_output.expert_ids_TK, r.router_output.weights_TK, r.router_output.scores_TE)
-            for r in out.routing]
+def _routing_of(out, *, last_only: bool = False, batch: int = 0) -> list[tuple[torch.Tensor, torch.Tensor,
+                                                                                  torch.Tensor]]:
+    """(experts, gates, scores) of each MoE layer; ``last_only``: of each sequence's last position."""
+    fields = [(r.router_output.expert_ids_TK, r.router_output.weights_TK, r.router_output.scores_TE)
+              for r in out.routing]
+    if last_only:
+        fields = [tuple(t.view(batch, -1, t.shape[-1])[:, -1] for t in layer) for layer in fields]
+    return fields
 
 
 def _aligned_routing(model: torch.nn.Module, steps: list[list], real_BP: torch.Tensor,
