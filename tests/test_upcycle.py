@@ -404,6 +404,25 @@ def test_cli_writes_an_upcycled_run_and_states_step_0(tiny_dense_run, tmp_path, 
     assert workbench.load_model(tmp_path / "shared.safetensors").cfg.moe.shared_hidden == 256
 
 
+def test_cli_prints_the_train_command_that_fits_the_upcycled_checkpoint(tiny_dense_run, tmp_path, capsys):
+    """Copies take the dense hidden size (256), which is not the tiny preset's expert_hidden (128):
+    the printed command names it, and a model built from its flags has the checkpoint's config."""
+    import shlex
+
+    import workbench
+    from workbench.cli import build_parser
+    from workbench.cli.train import configs_from_args
+
+    status, out, err = _cli(capsys, "--from", tiny_dense_run, "--to", tmp_path / "up", "--shared-expert")
+    assert status == 0, err
+    command = next(line for line in out.splitlines() if line.startswith("train from it: "))
+    args = shlex.split(command.removeprefix("train from it: workbench ").replace("RUN_DIR", str(tmp_path / "ft")))
+    assert "--expert-hidden" in args and "--num-shared-experts" in args
+    model_cfg, train_cfg = configs_from_args(build_parser().parse_args(args))  # what `workbench train` builds
+    assert model_cfg == workbench.load_model(tmp_path / "up").cfg
+    assert train_cfg.init_from == str(tmp_path / "up" / "ckpt-00000000.safetensors")
+
+
 @pytest.fixture(scope="module")
 def bad_sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("upcycle-bad")

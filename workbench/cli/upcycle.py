@@ -83,6 +83,7 @@ def _run(args: argparse.Namespace) -> int:
             if getattr(cfg, name) != getattr(dense_cfg, name):
                 raise ValueError(f"{name}={getattr(cfg, name)} (--preset {args.preset}) does not match the dense "
                                  f"checkpoint {dense_file}, which has {name}={getattr(dense_cfg, name)}")
+        asked = cfg
         cfg = upcycled_config(dense_cfg, cfg, args.method, shared_expert=args.shared_expert,
                               given=set(moe_flags) | set(model_flags))
         path = upcycle_checkpoint(args.source, args.out, cfg, overwrite=args.overwrite, method=args.method,
@@ -96,4 +97,11 @@ def _run(args: argparse.Namespace) -> int:
         f"{m.num_experts} experts x {m.expert_hidden} hidden (top-{m.top_k}, router {m.router}"
         f"{', 1 shared expert' if args.shared_expert else ''}), W2 scale {info.get('expert_scale', 1.0):g}")
     say(f"step 0: {info.get('step0', '?')}")
+    # the sizes taken from the dense model are not the preset's: a run that starts from this file needs them
+    sizes = [(name, getattr(cfg.moe, name)) for name in (f.name for f in dataclasses.fields(MoEConfig))
+             if getattr(cfg.moe, name) != getattr(asked.moe, name)]
+    sizes += [(name, getattr(cfg, name)) for name in (f.name for f in dataclasses.fields(ModelConfig))
+              if name != "moe" and getattr(cfg, name) != getattr(asked, name)]
+    flags = "".join(f" --{name.replace('_', '-')} {value}" for name, value in sizes)
+    say(f"train from it: workbench train --preset {args.preset}{flags} --init-from {path} --run-dir RUN_DIR")
     return 0
